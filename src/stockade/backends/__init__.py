@@ -1,0 +1,1 @@
+"""Backends shipped with stockade, one package each; found by name through ``stockade.registry``."""

@@ -1,0 +1,88 @@
+"""On-disk state of bwrap sessions and snapshots, so that any process can find a session again by id.
+
+Layout under the state root (0700)::
+
+    sessions/<id>/state.json      the session record (written atomically)
+    sessions/<id>/agent.sock      the agent's socket (host side only; the guest never sees it)
+    sessions/<id>/outputs/        /mnt/session/outputs
+    sessions/<id>/memory/         /mnt/memory
+    sessions/<id>/mounts/<n>/     mounts with an empty source (session-owned)
+    sessions/<id>/etc/            generated passwd, group, hosts, resolv.conf
+    snapshots/<snapshot id>/      archive.tar.gz + manifest.json (outlive the session)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SessionStore", "default_state_root", "process_start_time"]
+
+
+def default_state_root() -> Path:
+    """``$STOCKADE_STATE_DIR``, else ``/var/lib/stockade`` for root, else ``$XDG_STATE_HOME/stockade``."""
+    env = os.environ.get("STOCKADE_STATE_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/stockade")
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "stockade"
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), to tell a live pid from a reused one."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return int(fields[19])
+
+
+class SessionStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.sessions = root / "sessions"
+        self.snapshots = root / "snapshots"
+        for path in (root, self.sessions, self.snapshots):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def session_dir(self, session_id: str) -> Path:
+        return self.sessions / session_id
+
+    def create_session_dir(self, session_id: str) -> Path:
+        path = self.session_dir(session_id)
+        path.mkdir(mode=0o700)  # FileExistsError when the id is taken
+        return path
+
+    def read(self, session_id: str) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = json.loads((self.session_dir(session_id) / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return data
+
+    def write(self, session_id: str, record: dict[str, Any]) -> None:
+        directory = self.session_dir(session_id)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state.", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, directory / "state.json")
+
+    def ids(self) -> list[str]:
+        try:
+            return sorted(p.name for p in self.sessions.iterdir() if (p / "state.json").exists())
+        except OSError:
+            return []
+
+    def remove_session(self, session_id: str) -> None:
+        # rmtree never follows symlinks, and nothing is mounted under a session dir on the host side.
+        shutil.rmtree(self.session_dir(session_id), ignore_errors=True)
+
+    def snapshot_dir(self, snapshot_id: str) -> Path:
+        return self.snapshots / snapshot_id

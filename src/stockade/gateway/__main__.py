@@ -1,0 +1,5 @@
+import sys
+
+from stockade.gateway.process import main
+
+sys.exit(main())

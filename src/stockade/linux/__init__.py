@@ -1,0 +1,1 @@
+"""Linux kernel primitives used by the local backends (seccomp, ...)."""
