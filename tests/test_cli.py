@@ -115,9 +115,7 @@ class HostExecDouble(SandboxBackend):
             timed_out=timed_out,
         )
 
-    async def exec_stream(
-        self, session_id: str, request: ExecRequest
-    ) -> AsyncIterator[ExecChunk | ExecResult]:
+    async def exec_stream(self, session_id: str, request: ExecRequest) -> AsyncIterator[ExecChunk | ExecResult]:
         # Raw bytes, so that the tests can see the CLI pass them through unchanged.
         out, err, code, timed_out = await self._exec_raw(session_id, request)
         yield ExecChunk("stdout", out)
@@ -309,14 +307,10 @@ def test_allow_host_conflicts_with_no_network(calls: Calls, capsys: pytest.Captu
     assert "--allow-host" in one_line_error(capsys.readouterr().err)
 
 
-def test_resolve_refused_by_a_backend_without_that_option(
-    calls: Calls, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_resolve_refused_by_a_backend_without_that_option(calls: Calls, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["run", "--backend", "no-options-double", "--resolve", "api.example.com=127.0.0.1", "--", "true"]
     assert main(argv) == EXIT_STOCKADE_ERROR
-    assert one_line_error(capsys.readouterr().err) == (
-        "stockade: backend no-options-double does not accept --resolve"
-    )
+    assert one_line_error(capsys.readouterr().err) == ("stockade: backend no-options-double does not accept --resolve")
 
 
 # ------------------------------------------------------------------------------------------- run path
@@ -359,9 +353,7 @@ def test_output_passes_through_as_bytes(calls: Calls, capsysbinary: pytest.Captu
     assert captured.err == b"err\xfe"
 
 
-def test_stdin_is_passed(
-    calls: Calls, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_stdin_is_passed(calls: Calls, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"piped text\n")))
     assert main(run("--", PY, "-c", "import sys; sys.stdout.write(sys.stdin.read().upper())")) == 0
     assert capsys.readouterr().out == "PIPED TEXT\n"
@@ -369,9 +361,7 @@ def test_stdin_is_passed(
 
 
 def test_request_carries_command_env_and_cwd(tmp_path: Path, calls: Calls) -> None:
-    argv = run(
-        "--env", "GREETING=a=b", "--env", "EMPTY=", "--cwd", str(tmp_path), "--", "printf", "%s", "x y"
-    )
+    argv = run("--env", "GREETING=a=b", "--env", "EMPTY=", "--cwd", str(tmp_path), "--", "printf", "%s", "x y")
     assert main(argv) == 0
     request = calls.requests[0]
     assert request.argv == ["printf", "%s", "x y"]
@@ -542,9 +532,7 @@ def test_flag_mount_over_a_spec_mount_is_refused(
 # ------------------------------------------------------------------------- backends, capabilities, check
 
 
-def test_backends_json_shape(
-    calls: Calls, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_backends_json_shape(calls: Calls, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(registry._BUILTIN, "not-installed", "stockade_no_such_module_xyz:Backend")
     assert main(["backends", "--json"]) == 0
     infos = json.loads(capsys.readouterr().out)
@@ -566,9 +554,7 @@ def test_backends_text(calls: Calls, capsys: pytest.CaptureFixture[str]) -> None
 
 def test_capabilities(calls: Calls, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["capabilities", "--backend", DOUBLE, "--json"]) == 0
-    assert SandboxCapabilities.parse(capsys.readouterr().out) == SandboxCapabilities(
-        network_unrestricted=True
-    )
+    assert SandboxCapabilities.parse(capsys.readouterr().out) == SandboxCapabilities(network_unrestricted=True)
     assert main(["capabilities", "--backend", DOUBLE]) == 0
     out = capsys.readouterr().out
     assert f"backend: {DOUBLE}" in out

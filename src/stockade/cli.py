@@ -38,10 +38,12 @@ from .models import (
     parse_duration,
 )
 from .policy import PermissionPolicy, parse_mount_arg, parse_size_mb
-from .registry import available_backends, open_backend
+from .registry import available_backends, default_backend_name, open_backend
 
 __all__ = [
+    "EXIT_FAILED",
     "EXIT_INTERRUPTED",
+    "EXIT_OK",
     "EXIT_STOCKADE_ERROR",
     "EXIT_TERMINATED",
     "EXIT_TIMEOUT",
@@ -120,9 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_command(
-    commands: argparse._SubParsersAction[_Parser], name: str, handler: Handler, help_text: str
-) -> _Parser:
+def _add_command(commands: argparse._SubParsersAction[_Parser], name: str, handler: Handler, help_text: str) -> _Parser:
     parser = commands.add_parser(
         name,
         help=help_text,
@@ -134,9 +134,7 @@ def _add_command(
     return parser
 
 
-def _add_backend_flag(
-    parser: _Parser, *, help_text: str = "backend to use (default: the first available)"
-) -> None:
+def _add_backend_flag(parser: _Parser, *, help_text: str = "backend to use (default: the first available)") -> None:
     parser.add_argument("--backend", metavar="B", help=help_text)
 
 
@@ -203,9 +201,7 @@ def _resolve_type(text: str) -> tuple[str, str]:
     try:
         ip = ipaddress.ip_address(address.strip("[]"))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"ADDRESS must be an IPv4 or IPv6 address (got {address!r})"
-        ) from None
+        raise argparse.ArgumentTypeError(f"ADDRESS must be an IPv4 or IPv6 address (got {address!r})") from None
     return canonical, str(ip)
 
 
@@ -338,17 +334,17 @@ def build_spec(args: argparse.Namespace) -> SandboxSpec:
 def _open(name: str | None, resolve: dict[str, str] | None = None) -> SandboxBackend:
     if not resolve:
         return open_backend(name)
+    name = name or default_backend_name()
     try:
         return open_backend(name, resolve=resolve)
     except TypeError as exc:
-        label = name or "(default)"
-        raise InvalidRequest(f"backend {label} does not accept --resolve") from exc
+        # Only the constructor's options can be wrong here: the name and the host were checked above.
+        raise InvalidRequest(f"backend {name} does not accept --resolve") from exc
 
 
-def _print_json(value: Any, out: TextIO | None = None) -> None:
-    stream = out or sys.stdout
-    stream.write(json.dumps(value, indent=None, sort_keys=False) + "\n")
-    stream.flush()
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value) + "\n")
+    sys.stdout.flush()
 
 
 def _write_bytes(stream: TextIO, data: bytes) -> None:
@@ -364,9 +360,7 @@ def _write_bytes(stream: TextIO, data: bytes) -> None:
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -418,9 +412,7 @@ def _read_stdin() -> str | None:
     try:
         return str(data.decode("utf-8"))
     except UnicodeDecodeError:
-        raise InvalidRequest(
-            "is not UTF-8 text; stockade passes stdin to the command as text", field="stdin"
-        ) from None
+        raise InvalidRequest("is not UTF-8 text; stockade passes stdin to the command as text", field="stdin") from None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -583,9 +575,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _register_backends(commands: argparse._SubParsersAction[_Parser]) -> None:
-    parser = _add_command(
-        commands, "backends", _cmd_backends, "list the backends and whether they can run here"
-    )
+    parser = _add_command(commands, "backends", _cmd_backends, "list the backends and whether they can run here")
     _add_json_flag(parser, "print a JSON list of {name, available, reason}")
 
 
@@ -604,9 +594,7 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 
 def _register_capabilities(commands: argparse._SubParsersAction[_Parser]) -> None:
-    parser = _add_command(
-        commands, "capabilities", _cmd_capabilities, "show what a backend enforces on this host"
-    )
+    parser = _add_command(commands, "capabilities", _cmd_capabilities, "show what a backend enforces on this host")
     _add_backend_flag(parser)
     _add_json_flag(parser, "print the SandboxCapabilities JSON object")
 
@@ -636,9 +624,7 @@ def _register_doctor(commands: argparse._SubParsersAction[_Parser]) -> None:
         "run the conformance suite against a backend (every available one by default)",
     )
     _add_backend_flag(parser, help_text="backend to check (default: every available backend)")
-    parser.add_argument(
-        "--suite", metavar="S", action="append", default=[], help="run only suite S; repeatable"
-    )
+    parser.add_argument("--suite", metavar="S", action="append", default=[], help="run only suite S; repeatable")
     parser.add_argument("--case", metavar="SUBSTR", help="run only the cases whose id contains SUBSTR")
     _add_json_flag(parser, "print a JSON list with one report per backend")
 
@@ -697,9 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors
-        return (
-            exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_STOCKADE_ERROR)
-        )
+        return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_STOCKADE_ERROR)
     handler: Handler = args.handler
     try:
         return handler(args)
