@@ -565,10 +565,6 @@ class BwrapBackend(SandboxBackend):
         finally:
             if cgroup is not None and not was_frozen:
                 cgroup.thaw()
-        digest = hashlib.sha256()
-        with open(archive, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
         manifest = {
             "snapshot_id": snapshot_id,
             "session_id": session_id,
@@ -577,7 +573,7 @@ class BwrapBackend(SandboxBackend):
             "spec": record["spec"],
             "owned_mounts": record.get("owned_mounts", []),
             "archive_bytes": archive.stat().st_size,
-            "sha256": digest.hexdigest(),
+            "sha256": _sha256_file(archive),
             "keeps": "files",
         }
         (target / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -607,8 +603,7 @@ class BwrapBackend(SandboxBackend):
         except (OSError, ValueError):
             raise InvalidRequest(f"no snapshot with id {snapshot_id!r}", field="from_snapshot") from None
         archive = snap / "archive.tar.gz"
-        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-        if digest != manifest["sha256"]:
+        if _sha256_file(archive) != manifest["sha256"]:
             raise LifecycleError(f"snapshot {snapshot_id!r} is corrupt (sha256 mismatch)")
         staging = sdir / "restore"
         with tarfile.open(archive, "r:gz") as tar:
@@ -710,3 +705,11 @@ class BwrapBackend(SandboxBackend):
                 reaped.append(session_id)
         return reaped
 
+
+def _sha256_file(path: Path) -> str:
+    # In blocks: a snapshot archive can be far larger than what should sit in memory at once.
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

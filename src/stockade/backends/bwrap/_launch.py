@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...models import MEMORY_MOUNT, OUTPUTS_MOUNT, FilesystemAccess
+from ...models import FilesystemAccess
 
 __all__ = ["GUEST_AGENT", "GUEST_HOME", "GUEST_UID", "LaunchPlan", "bwrap_argv", "find_guest_python"]
 
@@ -162,6 +162,3 @@ def bwrap_argv(plan: LaunchPlan) -> list[str]:
     ]
     return argv
 
-
-def canonical_targets() -> tuple[str, str]:
-    return MEMORY_MOUNT, OUTPUTS_MOUNT
