@@ -18,6 +18,7 @@ import anyio
 import pytest
 
 from stockade import (
+    OUTPUTS_MOUNT,
     ExecError,
     ExecRequest,
     ExecResult,
@@ -32,6 +33,7 @@ from stockade import (
     Unsupported,
 )
 from stockade.backends.bwrap import BwrapBackend, probe
+from stockade.backends.bwrap._network import find_tool
 
 REASON = probe()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"bwrap backend unavailable: {REASON}")
@@ -185,7 +187,12 @@ def test_network_deny_all_has_only_loopback(backend: BwrapBackend) -> None:
         listener.close()
 
 
-def test_unsupported_network_modes_are_refused_not_downgraded(backend: BwrapBackend) -> None:
+def test_unsupported_network_modes_are_refused_not_downgraded(
+    backend: BwrapBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on a host without nft: the gateway cannot be set up, so egress policies are refused.
+    monkeypatch.setattr(BwrapBackend, "_egress_available", staticmethod(lambda: False))
+    assert not backend.capabilities().network_policy
     with pytest.raises(Unsupported):
         provision(backend, network_policy={"mode": "unrestricted"})
     with pytest.raises(Unsupported):
@@ -378,7 +385,9 @@ def test_suspend_freezes_and_exec_resumes(backend: BwrapBackend) -> None:
 def test_capabilities_match_behaviour(backend: BwrapBackend) -> None:
     caps = backend.capabilities()
     assert caps.local_process_sandbox and caps.filesystem_isolation and caps.network_deny_all
-    assert not caps.network_policy and not caps.network_unrestricted
+    # Egress through the gateway exactly when the host has nft and ip: test_bwrap_network measures it.
+    egress = find_tool("nft") is not None and find_tool("ip") is not None
+    assert caps.network_policy == egress and caps.network_unrestricted == egress and caps.egress_log == egress
     if not caps.memory_limit:
         with pytest.raises(Unsupported):
             provision(backend, limits={"memory_mb": 64})
@@ -466,3 +475,40 @@ def test_idle_session_is_suspended_and_exec_resumes_it(backend: BwrapBackend) ->
         time.sleep(0.1)
     assert sh(backend, sid, "echo back").stdout == "back\n"
     assert anyio.run(backend.get_session, sid).state is SandboxState.RUNNING
+
+
+def test_many_short_execs_keep_the_agent_alive(backend: BwrapBackend) -> None:
+    """Regression: one select() batch could carry events for pipes an earlier handler of the batch had closed,
+    and the agent died reading them (EBADF). Short execs that fail to start make that batch likely."""
+    sid = provision(backend)
+
+    async def hammer() -> int:
+        failures = 0
+        for _ in range(150):
+            try:
+                await backend.exec(sid, ExecRequest(command="no-such-command-stockade"))
+            except ExecError:
+                failures += 1
+        return failures
+
+    assert anyio.run(hammer) == 150
+    assert sh(backend, sid, "echo alive").stdout == "alive\n"
+
+
+def test_guest_cannot_create_setid_files_on_the_host(backend: BwrapBackend) -> None:
+    """A set-user/group-ID file written through a mount would wait on the host for someone to run it (owned by
+    the host uid the guest maps to): chmod/open with those bits are refused, plain modes are not."""
+    sid = provision(backend)
+    script = (
+        "cd /mnt/session/outputs && cp /bin/true plain && cp /bin/true suid && "
+        "chmod 0755 plain && echo plain-ok; chmod u+s suid; chmod g+s suid; "
+        "python3 -c \"import os; os.open('made', os.O_CREAT | os.O_WRONLY, 0o6755)\" 2>/dev/null || echo refused"
+    )
+    result = sh(backend, sid, script)
+    outputs = next(m.host_path for m in anyio.run(backend.get_session, sid).mounts if m.target == OUTPUTS_MOUNT)
+    assert outputs is not None
+    assert "plain-ok" in result.stdout and "refused" in result.stdout
+    host = Path(outputs)
+    assert (host / "plain").stat().st_mode & 0o7777 == 0o755  # the admitted sibling
+    assert (host / "suid").stat().st_mode & 0o6000 == 0
+    assert not (host / "made").exists()

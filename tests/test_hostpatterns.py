@@ -181,3 +181,11 @@ def test_host_rules() -> None:
 def test_host_rules_rejects_bad_pattern() -> None:
     with pytest.raises(InvalidRequest, match="bare"):
         HostRules(["ok.com", "*"])
+
+
+@pytest.mark.parametrize("text", ["::ffff:10.0.0.1", "[::ffff:10.0.0.1]:443", "::ffff:10.0.0.0/120"])
+def test_ipv4_mapped_rules_are_refused_with_the_ipv4_form(text: str) -> None:
+    with pytest.raises(InvalidRequest, match="IPv4-mapped"):
+        parse_host_pattern(text)
+    # The IPv4 spelling of the same destination is accepted.
+    parse_host_pattern("10.0.0.1")

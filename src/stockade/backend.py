@@ -60,6 +60,10 @@ class SandboxBackend(abc.ABC):
     name: str = "abstract"
     """Stable backend name, shown in ``SandboxSession.backend``."""
 
+    default_candidate: bool = True
+    """False for backends that need options to be useful (a service URL, a cluster address): they are never
+    chosen as the default backend, nor run by ``stockade doctor`` without ``--backend``."""
+
     # ---------------------------------------------------------------------------------------- harn's eight
 
     @abc.abstractmethod

@@ -188,6 +188,8 @@ def _parse_ip(host: str, whole: str, version: int | None) -> tuple[Literal["addr
             raise _fail(f"{whole!r} has a path or a bad network address (paths are not allowed)") from exc
         if version is not None and base.version != version:
             raise _fail(f"{whole!r}: brackets are only for IPv6 addresses")
+        if isinstance(base, ipaddress.IPv6Address) and base.ipv4_mapped is not None:
+            raise _fail(f"{whole!r} is an IPv4-mapped IPv6 network; write it in IPv4 form")
         if not (prefix.isascii() and prefix.isdigit()):
             raise _fail(f"{whole!r} has an invalid prefix length {prefix!r}")
         try:
@@ -205,6 +207,9 @@ def _parse_ip(host: str, whole: str, version: int | None) -> tuple[Literal["addr
         raise _fail(f"{whole!r}: brackets are only for IPv6 addresses")
     if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id:
         raise _fail(f"{whole!r} has an IPv6 zone index, which is not allowed")
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        # Connections are decided on the plain IPv4 address, so a mapped rule could never match: say so.
+        raise _fail(f"{whole!r} is an IPv4-mapped IPv6 address; write the IPv4 form {addr.ipv4_mapped}")
     return "address", str(addr)
 
 
@@ -245,6 +250,8 @@ def parse_host_pattern(text: str) -> HostPattern:
         try:
             kind, host = _parse_ip(text, text, 6)
         except InvalidRequest as exc:
+            if "IPv4-mapped" in str(exc):
+                raise
             raise _fail(
                 f"{text!r} is not a valid IPv6 address; to give a port write it as [address]:port"
             ) from exc

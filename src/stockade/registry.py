@@ -16,7 +16,14 @@ from typing import Any
 from .backend import SandboxBackend
 from .errors import BackendUnavailable, InvalidRequest
 
-__all__ = ["BackendInfo", "available_backends", "backend_class", "default_backend_name", "open_backend"]
+__all__ = [
+    "BackendInfo",
+    "available_backends",
+    "backend_class",
+    "default_backend_name",
+    "default_candidate",
+    "open_backend",
+]
 
 ENTRY_POINT_GROUP = "stockade.backends"
 
@@ -38,9 +45,16 @@ class BackendInfo:
         return {"name": self.name, "available": self.available, "reason": self.reason}
 
 
+# Entry points come back in no promised order: the default's preference is stated here (strongest isolation
+# that needs nothing extra first); other backends follow by name.
+_PREFERENCE = ("bwrap", "docker", "landlock")
+
+
 def _targets() -> dict[str, str]:
-    targets = dict(_BUILTIN)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    targets = dict(_BUILTIN)  # registered explicitly: in registration order
+    rank = {name: i for i, name in enumerate(_PREFERENCE)}
+    found = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (rank.get(ep.name, len(rank)), ep.name))
+    for ep in found:
         # module and attr, not ep.value: a value may carry extras ("pkg.mod:Cls [extra]").
         targets.setdefault(ep.name, f"{ep.module}:{ep.attr}")
     return targets
@@ -64,6 +78,14 @@ def _load(name: str) -> tuple[type[SandboxBackend], Callable[[], str | None]]:
         raise BackendUnavailable(name, f"{targets[name]!r} does not name a SandboxBackend subclass")
     probe: Callable[[], str | None] = getattr(module, "probe", lambda: None)
     return cls, probe
+
+
+def default_candidate(name: str) -> bool:
+    """Whether ``name`` may be picked without being asked for (see ``SandboxBackend.default_candidate``)."""
+    try:
+        return bool(_load(name)[0].default_candidate)
+    except (BackendUnavailable, InvalidRequest):
+        return False
 
 
 def backend_class(name: str) -> type[SandboxBackend]:
@@ -91,7 +113,7 @@ def default_backend_name() -> str:
     strongest-isolation first, and the caller sees which one was picked (``backend.name``)."""
     infos = available_backends()
     for info in infos:
-        if info.available:
+        if info.available and default_candidate(info.name):
             return info.name
     reasons = "; ".join(f"{i.name}: {i.reason}" for i in infos) or "no backend is registered"
     raise BackendUnavailable("default", f"no backend can run on this host ({reasons})")

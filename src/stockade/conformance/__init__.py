@@ -2,11 +2,12 @@
 
 ``report = await run_conformance(backend)`` runs every case and returns a :class:`Report`; ``stockade doctor``
 prints ``report.render_text()``; ``stockade.conformance.pytest_plugin.make_conformance_tests`` turns the cases
-into one pytest test each.
+into one pytest test each. The escape suite (``stockade.conformance.escape``) is opt-in:
+``ConformanceOptions(suites=("escape",))``, ``stockade doctor --suite escapes``, ``make_escape_tests``.
 """
 
 from .context import ConformanceOptions
-from .engine import host_info, list_cases, run_case, run_conformance, suites
+from .engine import host_info, list_cases, run_case, run_conformance, select_cases, suites
 from .report import FAILING, CaseResult, Report, Verdict
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "list_cases",
     "run_case",
     "run_conformance",
+    "select_cases",
     "suites",
 ]

@@ -38,6 +38,7 @@ __all__ = [
     "ConformanceOptions",
     "Finding",
     "GuestTools",
+    "OptInSuite",
     "Stop",
     "case",
     "conforms",
@@ -45,6 +46,8 @@ __all__ = [
     "missing_capabilities",
     "not_applicable",
     "not_measured",
+    "opt_in_suite",
+    "opt_in_suites",
     "overrefused",
     "probe_broken",
     "registered_cases",
@@ -60,7 +63,9 @@ class ConformanceOptions:
     """What to run and how.
 
     ``suites``: top-level prefixes to run (``"lifecycle"``, ``"exec"``, ``"filesystem"``, ``"env"``,
-    ``"network"``, ``"limits"``); None runs all. ``case_filter``: substring an id must contain. ``timeout``:
+    ``"network"``, ``"limits"``); None runs all of those. Opt-in suites (``"escape"``, alias ``"escapes"``)
+    run only when named; a dotted prefix (``"escape.fs"``) selects part of a suite. ``case_filter``:
+    substring an id must contain. ``timeout``:
     seconds per case. ``upstream_name`` / ``upstream_address``: a name the backend resolves to a test listener
     and that listener's address (e.g. ``"127.0.0.2"``); without them the egress cases that need an upstream
     report ``not_measured``.
@@ -167,6 +172,30 @@ def registered_cases() -> list[CaseDef]:
     return list(_CASES.values())
 
 
+@dataclass(frozen=True)
+class OptInSuite:
+    """A suite that runs only when named (``ConformanceOptions.suites``), never by default: its cases attack
+    the backend, take longer, and are reported apart (``stockade doctor --suite escape``)."""
+
+    name: str
+    doc: str
+    aliases: tuple[str, ...] = ()
+
+
+_OPT_IN: dict[str, OptInSuite] = {}
+
+
+def opt_in_suite(name: str, doc: str, aliases: tuple[str, ...] = ()) -> None:
+    """Declare the top-level suite ``name`` opt-in; ``aliases`` select it too."""
+    if name in _OPT_IN:
+        raise ValueError(f"suite {name!r} declared twice")
+    _OPT_IN[name] = OptInSuite(name, doc, aliases)
+
+
+def opt_in_suites() -> list[OptInSuite]:
+    return list(_OPT_IN.values())
+
+
 # ----------------------------------------------------------------------------------------- expectations
 
 
@@ -214,17 +243,27 @@ class GuestTools:
 
 
 # Markers are assembled at run time in the guest so that a backend echoing its command line cannot fake them.
+# "Connected" means the host listener's greeting came back: a gateway that accepts locally (a transparent
+# proxy) and then refuses must not count as a connection.
 _PY_CONNECT = (
     "import socket, sys\n"
     "try:\n"
     "    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=8)\n"
+    "    s.settimeout(8)\n"
+    "    greeting = s.recv(64)\n"
     "except OSError as e:\n"
     "    print('stockade-not-connected', e)\n"
     "else:\n"
-    "    print('stockade-conn' + 'ected')\n"
+    "    if greeting.startswith(b'stockade-canary'):\n"
+    "        print('stockade-conn' + 'ected')\n"
+    "    else:\n"
+    "        print('stockade-not-connected: accepted, then closed without the listener greeting', greeting)\n"
     "    s.close()\n"
 )
-_BASH_CONNECT = 'exec 3<>"/dev/tcp/$1/$2" && echo "stockade-conn""ected"'
+_BASH_CONNECT = (
+    'exec 3<>"/dev/tcp/$1/$2" && read -r -t 8 line <&3 && [ "$line" = stockade-canary ] '
+    '&& echo "stockade-conn""ected"'
+)
 CONNECTED_MARKER = "stockade-connected"
 
 
@@ -394,6 +433,10 @@ class CaseContext:
 
     def remove_later(self, path: Path) -> None:
         self._cleanups.append(lambda: path.unlink(missing_ok=True))
+
+    def on_cleanup(self, undo: Callable[[], None]) -> None:
+        """Run ``undo`` when the case ends, after its sessions are terminated, whatever happened."""
+        self._cleanups.append(undo)
 
     def set_host_env(self, name: str, value: str) -> None:
         """Set a variable in this process (which launches the sandboxes) until the case ends."""

@@ -22,38 +22,92 @@ import anyio
 from ..backend import SandboxBackend
 from ..errors import InvalidRequest
 from . import cases as _cases  # noqa: F401 - registers the cases
-from .context import CaseContext, CaseDef, ConformanceOptions, Finding, Stop, probe_broken, registered_cases
+from . import escape as _escape  # noqa: F401 - registers the opt-in escape suite
+from .context import (
+    CaseContext,
+    CaseDef,
+    ConformanceOptions,
+    Finding,
+    Stop,
+    opt_in_suites,
+    probe_broken,
+    registered_cases,
+)
 from .report import CaseResult, Report, Verdict
 
-__all__ = ["ConformanceOptions", "host_info", "list_cases", "run_case", "run_conformance", "suites"]
+__all__ = [
+    "ConformanceOptions",
+    "host_info",
+    "list_cases",
+    "run_case",
+    "run_conformance",
+    "select_cases",
+    "suites",
+]
+
+
+def _suite_of(case_id: str) -> str:
+    return case_id.split(".", 1)[0]
+
+
+def _opt_in_names() -> set[str]:
+    return {suite.name for suite in opt_in_suites()}
 
 
 def list_cases() -> list[str]:
-    """Every case id (dotted, ``suite.name``), in run order."""
-    return [c.id for c in registered_cases()]
+    """Every case id (dotted, ``suite.name``) of the default suites, in run order (opt-in suites excluded)."""
+    opt_in = _opt_in_names()
+    return [c.id for c in registered_cases() if _suite_of(c.id) not in opt_in]
 
 
-def suites() -> list[str]:
-    """The top-level suite names, in run order."""
+def suites(include_opt_in: bool = False) -> list[str]:
+    """The top-level suite names, in run order; the opt-in ones (``escape``) only with ``include_opt_in``."""
+    opt_in = _opt_in_names()
     seen: dict[str, None] = {}
-    for case_id in list_cases():
-        seen.setdefault(case_id.split(".", 1)[0], None)
+    for case_def in registered_cases():
+        suite = _suite_of(case_def.id)
+        if include_opt_in or suite not in opt_in:
+            seen.setdefault(suite, None)
     return list(seen)
 
 
+def _prefixes(names: tuple[str, ...]) -> list[str]:
+    """Suite names as id prefixes: aliases resolved, each checked to select at least one case."""
+    aliases = {alias: suite.name for suite in opt_in_suites() for alias in suite.aliases}
+    ids = [c.id for c in registered_cases()]
+    prefixes, unknown = [], []
+    for name in names:
+        prefix = aliases.get(name, name)
+        if any(i == prefix or i.startswith(prefix + ".") for i in ids):
+            prefixes.append(prefix)
+        else:
+            unknown.append(name)
+    if unknown:
+        known = suites(include_opt_in=True) + sorted(aliases)
+        raise InvalidRequest(f"unknown suites {sorted(unknown)}; known: {', '.join(known)}", field="suites")
+    return prefixes
+
+
 def _select(options: ConformanceOptions) -> list[CaseDef]:
-    if options.suites is not None:
-        unknown = sorted(set(options.suites) - set(suites()))
-        if unknown:
-            raise InvalidRequest(f"unknown suites {unknown}; known: {', '.join(suites())}", field="suites")
+    prefixes = _prefixes(options.suites) if options.suites is not None else None
+    opt_in = _opt_in_names()
     selected = []
     for case_def in registered_cases():
-        if options.suites is not None and case_def.id.split(".", 1)[0] not in options.suites:
+        if prefixes is None:
+            if _suite_of(case_def.id) in opt_in:
+                continue
+        elif not any(case_def.id == p or case_def.id.startswith(p + ".") for p in prefixes):
             continue
         if options.case_filter and options.case_filter not in case_def.id:
             continue
         selected.append(case_def)
     return selected
+
+
+def select_cases(options: ConformanceOptions | None = None) -> list[str]:
+    """The ids ``run_conformance`` would run with ``options``, in run order (raises InvalidRequest for unknown
+    suite names)."""
+    return [c.id for c in _select(options or ConformanceOptions())]
 
 
 async def run_conformance(backend: SandboxBackend, options: ConformanceOptions | None = None) -> Report:

@@ -10,12 +10,19 @@ A backend's test module::
 ``conforms`` and ``not_applicable`` pass, ``not_measured`` skips with the reason, any failing verdict fails
 with the detail; a factory raising ``BackendUnavailable`` skips with its reason. Registered as the
 ``pytest11`` entry point ``stockade`` but defines no hooks or fixtures: loading it changes nothing elsewhere.
+
+The opt-in escape suite, in one line per backend (``tests/test_escape_<name>.py``)::
+
+    test_escape = make_escape_tests(lambda: open_backend("bwrap"))
+
+``known_failures`` maps a case id to the reason it is known to fail on that backend (an escape with a fix
+pending): the test is then a strict xfail, so it turns red as soon as the fix lands and the entry must go.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import anyio
 import pytest
@@ -23,10 +30,13 @@ import pytest
 from ..backend import SandboxBackend
 from ..errors import BackendUnavailable
 from .context import ConformanceOptions
-from .engine import list_cases, run_case
+from .engine import run_case, select_cases
 from .report import FAILING, CaseResult, Verdict
 
-__all__ = ["check_result", "make_conformance_tests", "verdict_outcome"]
+__all__ = ["ESCAPE_OPTIONS", "check_result", "make_conformance_tests", "make_escape_tests", "verdict_outcome"]
+
+ESCAPE_OPTIONS = ConformanceOptions(suites=("escape",))
+"""The options that select the escape suite (and nothing else)."""
 
 Outcome = Literal["pass", "skip", "fail"]
 
@@ -53,11 +63,30 @@ def check_result(result: CaseResult) -> None:
         pytest.fail(message, pytrace=False)
 
 
+def _params(options: ConformanceOptions | None, known_failures: Mapping[str, str] | None) -> list[Any]:
+    ids = select_cases(options)
+    known = dict(known_failures or {})
+    stale = sorted(set(known) - set(ids))
+    if stale:
+        raise ValueError(f"known_failures names cases that are not selected: {stale}")
+    if not known:
+        return ids
+    return [
+        pytest.param(case_id, marks=pytest.mark.xfail(strict=True, reason=known[case_id]))
+        if case_id in known
+        else case_id
+        for case_id in ids
+    ]
+
+
 def make_conformance_tests(
     backend_factory: Callable[[], SandboxBackend],
     options: ConformanceOptions | None = None,
+    known_failures: Mapping[str, str] | None = None,
 ) -> Callable[[str], None]:
-    """A pytest test function parametrized over every case id; each call runs that case on a fresh backend."""
+    """A pytest test function parametrized over every selected case id (the default suites unless ``options``
+    name others); each call runs that case on a fresh backend. ``known_failures``: case id -> reason, run as
+    strict xfails."""
 
     async def run_one(case_id: str) -> CaseResult:
         try:
@@ -67,8 +96,18 @@ def make_conformance_tests(
         async with backend:
             return await run_case(backend, case_id, options)
 
-    @pytest.mark.parametrize("conformance_case", list_cases())
+    @pytest.mark.parametrize("conformance_case", _params(options, known_failures))
     def test_conformance(conformance_case: str) -> None:
         check_result(anyio.run(run_one, conformance_case))
 
     return test_conformance
+
+
+def make_escape_tests(
+    backend_factory: Callable[[], SandboxBackend],
+    options: ConformanceOptions | None = None,
+    known_failures: Mapping[str, str] | None = None,
+) -> Callable[[str], None]:
+    """:func:`make_conformance_tests` for the escape suite: ``options`` default to :data:`ESCAPE_OPTIONS`
+    (give your own to add an upstream; its ``suites`` must still select escape cases)."""
+    return make_conformance_tests(backend_factory, options or ESCAPE_OPTIONS, known_failures)

@@ -54,12 +54,21 @@ class Decision:
 class GatewayPolicy:
     """An immutable policy; swap the whole object to change the rules."""
 
-    __slots__ = ("mode", "rules")
+    __slots__ = ("mode", "public_overrides", "rules")
 
-    def __init__(self, mode: Mode, rules: HostRules | Iterable[HostPattern | str] = ()) -> None:
+    def __init__(
+        self,
+        mode: Mode,
+        rules: HostRules | Iterable[HostPattern | str] = (),
+        *,
+        public_overrides: Iterable[IPAddress] = (),
+    ) -> None:
         if mode not in ("deny", "unrestricted", "limited"):
             raise InvalidRequest(f"unknown network mode {mode!r}", field="mode")
         self.rules = rules if isinstance(rules, HostRules) else HostRules(rules)
+        # Test-only: addresses treated as public (e.g. a fake upstream on 127.0.0.2), so that name rules can
+        # be exercised against loopback listeners while IP literals still need an explicit rule.
+        self.public_overrides: frozenset[IPAddress] = frozenset(public_overrides)
         # A limited policy with no rules is the documented spelling of deny-all.
         self.mode: Mode = "deny" if mode == "limited" and not self.rules else mode
 
@@ -79,6 +88,13 @@ class GatewayPolicy:
         if mode not in ("deny", "unrestricted", "limited"):
             raise InvalidRequest(f"unknown network mode {mode!r}", field="mode")
         return cls(mode, hosts)
+
+    def with_public_overrides(self, addrs: Iterable[IPAddress]) -> GatewayPolicy:
+        """The same rules, with ``addrs`` classified as public (test fixtures only)."""
+        return GatewayPolicy(self.mode, self.rules, public_overrides=addrs)
+
+    def _unsafe(self, addr: IPAddress) -> str | None:
+        return None if addr in self.public_overrides else classify(addr)
 
     def to_json(self) -> dict[str, Any]:
         return {"mode": self.mode, "allowed_hosts": [p.text for p in self.rules]}
@@ -147,7 +163,7 @@ class GatewayPolicy:
         if name is None:
             if explicit is not None:
                 return Decision.allow(explicit.text)
-            unsafe = classify(addr)
+            unsafe = self._unsafe(addr)
             if unsafe is not None:
                 return Decision.refuse(unsafe)
             if self.mode == "unrestricted":
@@ -167,7 +183,7 @@ class GatewayPolicy:
             by_name = self.decide_name(name, port)
             if not by_name.allowed:
                 return by_name
-        unsafe = classify(addr)
+        unsafe = self._unsafe(addr)
         if unsafe is None:
             return Decision.allow(name_rule)
         if explicit is not None:

@@ -14,7 +14,11 @@ The config is a JSON object::
       "resolve": {"example.com": "93.184.216.34"},   # optional static map; without it getaddrinfo
       "fake_pool": "127.100.0.0/16",            # optional synthetic address pool of the DNS stub
       "ready_path": "/run/.../ready",           # optional; written once serving
-      "connect_timeout": 10, "die_with_parent": true
+      "connect_timeout": 10, "die_with_parent": true,
+      "dns_upstream": "127.0.0.5:5353",         # optional: resolve through this DNS server instead
+      "transparent_original_dst": true,         # transparent fds receive NAT-redirected connections
+      "exit_with_pid": 1234,                    # optional: stop when this process (the session) exits
+      "public_overrides": ["127.0.0.2"]         # test-only: addresses treated as public
     }
 
 Once every socket is served the process prints ``ready`` on stdout (and writes ``ready_path``). The control
@@ -33,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import ipaddress
 import json
 import os
 import signal
@@ -47,7 +52,7 @@ from stockade.errors import InvalidRequest, NetworkPolicyError, SandboxError
 from stockade.gateway.audit import AuditLog
 from stockade.gateway.dns import DEFAULT_POOL, FakeAddressMap
 from stockade.gateway.policy import GatewayPolicy
-from stockade.gateway.resolver import Resolver, StaticResolver, SystemResolver
+from stockade.gateway.resolver import Resolver, StaticResolver, SystemResolver, UpstreamResolver
 from stockade.gateway.server import Gateway
 
 __all__ = ["GatewayConfig", "control", "control_sync", "main", "run"]
@@ -70,6 +75,10 @@ class GatewayConfig:
     ready_path: Path | None = None
     connect_timeout: float = 10.0
     die_with_parent: bool = False
+    dns_upstream: tuple[str, int] | None = None
+    transparent_original_dst: bool = False
+    exit_with_pid: int | None = None
+    public_overrides: list[str] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> GatewayConfig:
@@ -106,6 +115,15 @@ class GatewayConfig:
                 resolve[str(name)] = list(values)
         log_path = data.get("log_path")
         ready_path = data.get("ready_path")
+        upstream: tuple[str, int] | None = None
+        if data.get("dns_upstream") is not None:
+            host, sep, port_text = str(data["dns_upstream"]).rpartition(":")
+            if not sep or not port_text.isdigit():
+                raise InvalidRequest("must be ADDRESS:PORT", field="dns_upstream")
+            upstream = (host.strip("[]"), int(port_text))
+        overrides = data.get("public_overrides", [])
+        if not isinstance(overrides, list) or not all(isinstance(a, str) for a in overrides):
+            raise InvalidRequest("must be a list of addresses", field="public_overrides")
         return cls(
             session=session,
             control_path=Path(control_path),
@@ -120,6 +138,10 @@ class GatewayConfig:
             ready_path=Path(ready_path) if ready_path else None,
             connect_timeout=float(data.get("connect_timeout", 10.0)),
             die_with_parent=bool(data.get("die_with_parent", False)),
+            dns_upstream=upstream,
+            transparent_original_dst=bool(data.get("transparent_original_dst", False)),
+            exit_with_pid=fd("exit_with_pid"),
+            public_overrides=list(overrides),
         )
 
 
@@ -145,7 +167,17 @@ async def run(config: GatewayConfig, *, ready_stream: Any = None) -> None:
     """Serve until stopped (control ``stop``, SIGTERM or SIGINT)."""
     loop = asyncio.get_running_loop()
     audit = AuditLog(config.log_path)
-    resolver: Resolver = StaticResolver(config.resolve) if config.resolve is not None else SystemResolver()
+    resolver: Resolver
+    if config.resolve is not None:
+        resolver = StaticResolver(config.resolve)
+    elif config.dns_upstream is not None:
+        resolver = UpstreamResolver(*config.dns_upstream)
+    else:
+        resolver = SystemResolver()
+    try:
+        overrides = [ipaddress.ip_address(a) for a in config.public_overrides]
+    except ValueError as exc:
+        raise InvalidRequest(f"public_overrides: {exc}", field="public_overrides") from None
     gateway = Gateway(
         config.session,
         config.policy,
@@ -153,8 +185,10 @@ async def run(config: GatewayConfig, *, ready_stream: Any = None) -> None:
         audit,
         fake_map=FakeAddressMap(config.fake_pool),
         connect_timeout=config.connect_timeout,
+        public_overrides=overrides,
     )
     stop = asyncio.Event()
+    watched: int | None = None
     control_server: asyncio.Server | None = None
     try:
         if config.http_fd is not None:
@@ -164,7 +198,16 @@ async def run(config: GatewayConfig, *, ready_stream: Any = None) -> None:
         if config.dns_fd is not None:
             await gateway.serve_dns(_adopt(config.dns_fd, socket.SOCK_DGRAM, "dns"))
         for fd in config.transparent_fds:
-            await gateway.serve_transparent(_adopt(fd, socket.SOCK_STREAM, "transparent"))
+            await gateway.serve_transparent(
+                _adopt(fd, socket.SOCK_STREAM, "transparent"), original_dst=config.transparent_original_dst
+            )
+        if config.exit_with_pid is not None:
+            # The session's sandbox: when it is gone there is nobody left to serve.
+            try:
+                watched = os.pidfd_open(config.exit_with_pid)
+            except ProcessLookupError:
+                return
+            loop.add_reader(watched, stop.set)
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
@@ -203,6 +246,9 @@ async def run(config: GatewayConfig, *, ready_stream: Any = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+        if watched is not None:
+            loop.remove_reader(watched)
+            os.close(watched)
         if control_server is not None:
             control_server.close()
         await gateway.aclose()

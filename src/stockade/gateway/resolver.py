@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
+import struct
 from collections.abc import Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
 from stockade.hostpatterns import IPAddress, normalise_name
 
-__all__ = ["RecordingResolver", "ResolveError", "Resolver", "StaticResolver", "SystemResolver"]
+__all__ = [
+    "RecordingResolver",
+    "ResolveError",
+    "Resolver",
+    "StaticResolver",
+    "SystemResolver",
+    "UpstreamResolver",
+]
 
 
 class ResolveError(Exception):
@@ -81,3 +90,40 @@ class SystemResolver:
         if not out:
             raise ResolveError(f"no address for {name!r}")
         return out
+
+
+class UpstreamResolver:
+    """Asks one DNS server directly over UDP for A records (the gateway's own resolver, tests' fake upstream).
+
+    Only names the policy already admitted are ever asked for: the gateway decides before it resolves.
+    """
+
+    def __init__(self, server: str, port: int = 53, timeout: float = 5.0) -> None:
+        self.server = str(ipaddress.ip_address(server))
+        self.port = port
+        self.timeout = timeout
+
+    async def resolve(self, name: str) -> list[IPAddress]:
+        from stockade.gateway.dns import build_query, parse_response
+
+        name = normalise_name(name)
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self.server else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        query_id = int.from_bytes(os.urandom(2), "big")
+        try:
+            await loop.sock_connect(sock, (self.server, self.port))
+            await loop.sock_sendall(sock, build_query(name, query_id=query_id))
+            while True:
+                data = await asyncio.wait_for(loop.sock_recv(sock, 4096), self.timeout)
+                got_id, rcode, addrs = parse_response(data)
+                if got_id == query_id:
+                    break
+        except (OSError, TimeoutError, ValueError, IndexError, struct.error) as exc:
+            raise ResolveError(f"cannot resolve {name!r} at {self.server}:{self.port}: {exc}") from exc
+        finally:
+            sock.close()
+        if rcode != 0 or not addrs:
+            raise ResolveError(f"no address for {name!r} (rcode {rcode})")
+        return [ipaddress.ip_address(a) for a in addrs]

@@ -26,7 +26,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -166,8 +166,12 @@ class Gateway:
         sni_timeout: float = 10.0,
         max_connections: int = 1024,
         connector: Connector | None = None,
+        public_overrides: Iterable[IPAddress] = (),
     ) -> None:
         self.session_id = session_id
+        self.public_overrides = frozenset(public_overrides)
+        if self.public_overrides:
+            policy = policy.with_public_overrides(self.public_overrides)
         self._policy = policy
         self._generation = 0
         self.resolver = resolver
@@ -195,6 +199,8 @@ class Gateway:
 
     def update_policy(self, policy: GatewayPolicy) -> int:
         """Switch rules now; close open relays the new policy forbids. Returns how many were closed."""
+        if self.public_overrides:
+            policy = policy.with_public_overrides(self.public_overrides)
         self._policy = policy
         self._generation += 1
         closed = 0
@@ -218,7 +224,17 @@ class Gateway:
     async def serve_socks5(self, sock: socket.socket) -> asyncio.Server:
         return await self._serve(sock, self._handle_socks5)
 
-    async def serve_transparent(self, sock: socket.socket) -> asyncio.Server:
+    async def serve_transparent(self, sock: socket.socket, *, original_dst: bool = False) -> asyncio.Server:
+        """Serve plain (proxy-unaware) clients.
+
+        Without ``original_dst`` the destination is the listener's own address (one listener per port, on
+        every address of the guest): only synthetic DNS-stub addresses are accepted there. With it, the guest's
+        connections were redirected here by a NAT rule and the destination the guest asked for is read back
+        with ``SO_ORIGINAL_DST``: synthetic addresses map to their names, and any other address is decided as an
+        IP literal (refused unless a rule allows it).
+        """
+        if original_dst:
+            return await self._serve(sock, self._handle_redirected)
         return await self._serve(sock, self._handle_transparent)
 
     async def serve_dns(self, sock: socket.socket) -> asyncio.DatagramTransport:
@@ -745,6 +761,35 @@ class Gateway:
             return None
 
         await self._proxy(conn, reader, writer, on_refused=nothing, on_error=nothing, on_connected=nothing)
+
+
+    async def _handle_redirected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raw = writer.get_extra_info("socket")
+        try:
+            dest, port = original_destination(raw)
+        except OSError:
+            return
+        name = self.fake_map.name_for(dest)
+        conn = _Conn(next(self._ids), "transparent", name, port, address=None if name else _parse_ip(dest))
+
+        async def nothing(*_args: object) -> None:
+            return None
+
+        await self._proxy(conn, reader, writer, on_refused=nothing, on_error=nothing, on_connected=nothing)
+
+
+_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; the IPv6 twin (IP6T_SO_ORIGINAL_DST) has the same number
+
+
+def original_destination(sock: Any) -> tuple[str, int]:
+    """The destination a NAT-redirected TCP connection was made to (``SO_ORIGINAL_DST``)."""
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, _SO_ORIGINAL_DST, 28)
+        port = struct.unpack("!H", raw[2:4])[0]
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+    raw = sock.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
+    port, packed = struct.unpack("!2xH4s8x", raw)
+    return socket.inet_ntoa(packed), port
 
 
 # ---- HTTP helpers ----------------------------------------------------------------------------------------

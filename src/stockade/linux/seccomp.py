@@ -151,9 +151,10 @@ _ALWAYS_BLOCKED: tuple[str, ...] = (
 BLOCKED_SYSCALLS: tuple[str, ...] = _ALWAYS_BLOCKED + PTRACE_SYSCALLS
 """System calls the default profile refuses with ``EPERM`` whatever their arguments."""
 
-ENOSYS_SYSCALLS: tuple[str, ...] = ("clone3",)
-"""Refused with ``ENOSYS``: its flags sit in memory where seccomp cannot see them, and ``ENOSYS`` makes glibc
-fall back to ``clone``, whose flags are filtered (Docker does the same)."""
+ENOSYS_SYSCALLS: tuple[str, ...] = ("clone3", "openat2")
+"""Refused with ``ENOSYS``: their flags or modes sit in memory where seccomp cannot see them, and ``ENOSYS``
+makes libc fall back to ``clone`` / ``openat``, whose arguments are filtered (Docker does the same for
+``clone3``)."""
 
 # Names that exist only on some architectures or only in old kernels: their absence from libseccomp's tables
 # is no reason to refuse to build a filter. Any other unknown name means libseccomp is too old to know a call
@@ -161,6 +162,7 @@ fall back to ``clone``, whose flags are filtered (Docker does the same)."""
 _OPTIONAL = frozenset(
     {
         "umount",
+        "fchmodat2",
         "stime",
         "clock_settime64",
         "clock_adjtime64",
@@ -353,6 +355,21 @@ def _add_rules(rules: _ArchRules, profile: SeccompProfile) -> None:
         rules.deny(errno.EPERM, "personality", rules.arg(0, "masked_eq", mask, value))
 
     _add_socket_rules(rules, profile.network)
+    _add_setid_rules(rules)
+
+
+# Where each call takes its mode: a guest must not create set-user-ID or set-group-ID files. Its uid may map to
+# a host uid that others trust (root, when root launched the sandbox), and through a read-write mount such a
+# file would be a privilege escalation waiting on the host for someone to run it. Unprivileged chmod needs no
+# capability for this, so only the filter can stop it (it refuses, EPERM; plain modes pass).
+_MODE_ARG = {"chmod": 1, "fchmod": 1, "fchmodat": 2, "fchmodat2": 2, "creat": 1, "open": 2, "openat": 3}
+_S_ISUID, _S_ISGID = 0o4000, 0o2000
+
+
+def _add_setid_rules(rules: _ArchRules) -> None:
+    for name, index in _MODE_ARG.items():
+        for bit in (_S_ISUID, _S_ISGID):
+            rules.deny(errno.EPERM, name, rules.arg(index, "masked_eq", bit, bit))
 
 
 def _check_names(sc: Any, arches: list[int]) -> None:

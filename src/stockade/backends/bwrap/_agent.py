@@ -11,7 +11,9 @@ Protocol, one request per connection: the host sends a 4-byte big-endian length 
 answers with frames ``type (1 byte) | length (4 bytes) | payload``: ``o`` stdout bytes, ``e`` stderr bytes,
 then exactly one final ``r`` (result JSON) or ``x`` (error JSON).
 
-Each exec gets a *runner*: a forked child that marks itself a child subreaper and forks the command. Every
+Each exec gets a *runner*: a forked child that marks itself a child subreaper and spawns the command. One
+runner is forked ahead of time while the agent is idle and waits for its request, so an exec does not wait for
+a fork. Every
 descendant of the command that is orphaned is re-parented to the runner, so on timeout the runner can find and
 kill the exec's whole tree, double-forked daemons included, by walking the process table of the namespace.
 When the command exits normally the runner exits too, and background processes live on (reaped by the agent).
@@ -155,7 +157,9 @@ class Exec:
         self.stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
         self.stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
         self.status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
+        pid = agent.dispatch(req, (stdin_r, stdout_w, stderr_w, status_w))
+        if pid is None:
+            pid = os.fork()
         if pid == 0:
             try:
                 signal.set_wakeup_fd(-1)
@@ -384,6 +388,18 @@ class Conn:
         self.sock.close()
 
 
+def _spare_main(chan):
+    """In a spare runner: wait for one request and its four pipe ends, then become that exec's runner."""
+    try:
+        msg, fds, _flags, _addr = socket.recv_fds(chan, 1 << 20, 4)
+    except OSError:
+        os._exit(0)
+    chan.close()
+    if not msg or len(fds) != 4:
+        os._exit(0)
+    _run_runner(json.loads(msg), *fds)
+
+
 class Agent:
     def __init__(self, listen_fd):
         self.sel = selectors.DefaultSelector()
@@ -394,6 +410,9 @@ class Agent:
         self.conns = set()
         self.last_activity = time.monotonic()
         self.wake_fds = ()  # type: tuple[int, ...]
+        # A runner forked ahead of time: an exec hands it the request instead of forking (a Python fork()
+        # costs about a millisecond here). A new spare is forked when the agent is idle.
+        self.spare = None  # (pid, channel socket) or None
 
     def owned_fds(self):
         fds = [self.listener.fileno(), self.sel.fileno() if hasattr(self.sel, "fileno") else -1]
@@ -402,7 +421,46 @@ class Agent:
         for ex in self.execs:
             fds.extend(ex.fds())
         fds.extend(self.wake_fds)
+        if self.spare is not None:
+            fds.append(self.spare[1].fileno())
         return [fd for fd in fds if fd >= 0]
+
+    def make_spare(self):
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                for fd in [*self.owned_fds(), parent.fileno()]:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                _spare_main(child)
+            finally:
+                os._exit(127)
+        child.close()
+        self.spare = (pid, parent)
+
+    def dispatch(self, req, fds):
+        """Hand an exec to the spare runner; its pid, or None when there is none (the caller forks)."""
+        if self.spare is None:
+            return None
+        pid, chan = self.spare
+        self.spare = None
+        runner_req = {"argv": req["argv"], "cwd": req["cwd"], "env": req["env"]}
+        try:
+            socket.send_fds(chan, [json.dumps(runner_req).encode()], list(fds))
+        except OSError:  # the spare died (a guest can kill it: same uid), or the request is too large
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return None
+        finally:
+            chan.close()
+        return pid
 
     def handle(self, conn, body):
         try:
@@ -424,6 +482,17 @@ class Agent:
         except OSError as exc:
             conn.finish(b"x", {"error": "agent_failed", "errno": exc.errno or 0, "message": str(exc)})
 
+    def _current(self, what, obj, fd):
+        if what == "conn":
+            return not obj.closed and obj.sock.fileno() == fd
+        if what == "out":
+            return fd in (obj.stdout_r, obj.stderr_r)
+        if what == "status":
+            return fd == obj.status_r
+        if what == "stdin":
+            return fd == obj.stdin_w
+        return True
+
     def reap_orphans(self):
         # As pid 1 of the namespace the agent inherits every orphan; runners are waited for by their Exec.
         while True:
@@ -436,6 +505,9 @@ class Agent:
             for ex in self.execs:
                 if ex.runner == pid:
                     ex.runner_reaped = True
+            if self.spare is not None and self.spare[0] == pid:
+                self.spare[1].close()
+                self.spare = None
 
     def run(self):
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -449,6 +521,11 @@ class Agent:
             timeout = max(0.0, min(deadlines) - now) if deadlines else None
             for key, mask in self.sel.select(timeout):
                 what, obj, extra = key.data
+                # One batch can hold events for fds that an earlier handler of the same batch closed (an exec
+                # that finished closes its pipes; a connection that finished closes its socket), and the fd
+                # number may already belong to something new: act only on registrations still current.
+                if not self._current(what, obj, key.fd):
+                    continue
                 if what == "accept":
                     while True:
                         try:
@@ -478,6 +555,8 @@ class Agent:
             for ex in list(self.execs):
                 if ex.deadline is not None and now >= ex.deadline:
                     ex.on_deadline()
+            if self.spare is None and not self.execs:
+                self.make_spare()
 
 
 def main():

@@ -2,13 +2,18 @@
 
 Where it differs from the contract's documentation (``stockade.backend``):
 
-- Network: deny-all only (an empty network namespace with ``lo``). ``unrestricted`` and ``limited`` raise
-  ``Unsupported`` until the egress gateway is wired in; nothing is ever silently widened.
+- Network: every session has its own network namespace with only ``lo``. ``limited`` and ``unrestricted``
+  policies go through the egress gateway (``stockade.gateway``; see ``_network``): proxies, a DNS stub and a
+  NAT redirect inside the namespace, one gateway process per session on the host. That needs ``nft`` and
+  ``ip`` on the host; without them only deny-all is offered (``capabilities()`` says so).
+  ``share_host_network=True`` is the explicit way out: unrestricted sessions then use the host's network,
+  with no gateway, checks or log.
 - Resource limits need a writable cgroup hierarchy (root, or a delegated cgroup v2 subtree); without one,
   ``capabilities()`` says so and a spec with limits is refused.
 - Snapshots keep files (outputs, memory, session-owned mounts, ``/tmp``), not processes. Suspend/resume (cgroup
   freezer) keeps processes.
-- Live mounts (``attach_filesystem``) need root on the host.
+- Live mounts (``attach_filesystem``) go straight into the sandbox's mount namespace with the new mount API
+  (``_mounts``), for root and unprivileged callers; targets inside other mounts or the system view are refused.
 - Sessions outlive the process that created them: the state directory lets any process find them by id.
 """
 
@@ -27,7 +32,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,7 @@ from ...errors import (
     ExecError,
     InvalidRequest,
     LifecycleError,
+    NetworkPolicyError,
     SessionNotFound,
     Unsupported,
 )
@@ -60,7 +66,10 @@ from ...models import (
 )
 from ._client import AgentGone, request_frames, short_unix_path
 from ._launch import GUEST_HOME, GUEST_PATH, GuestMount, LaunchPlan, bwrap_argv, find_guest_python
-from ._store import SessionStore, default_state_root, process_start_time
+from ._mounts import attach_live, live_mounts_reason
+from ._network import GatewayHandle, find_tool, gateway_policy_json, proxy_env, start_gateway
+from ._pool import POOL_PREFIX, WarmPool, owner_alive, poolable
+from ._store import SessionStore, default_state_root, process_start_time, record_lock
 
 __all__ = ["BwrapBackend", "probe"]
 
@@ -97,6 +106,17 @@ class BwrapBackend(SandboxBackend):
     ``state_dir``: where sessions and snapshots live (default: ``$STOCKADE_STATE_DIR``, ``/var/lib/stockade``
     for root, ``$XDG_STATE_HOME/stockade`` otherwise). ``default_pids_max``: the pids cap when a spec gives
     none. ``default_tmp_mb``: size of the private ``/tmp``. ``output_limit_bytes``: captured output per stream.
+
+    Egress: ``resolve`` maps names to addresses for the gateway instead of the host's resolver,
+    ``dns_upstream`` (``"ADDRESS:PORT"``) makes it ask that DNS server instead; both exist so tests reach fake
+    upstreams. ``public_overrides`` (tests only) lists addresses the gateway treats as public, so a name rule
+    can be measured against a loopback listener while the bare address still needs a rule of its own.
+    ``share_host_network``: unrestricted sessions share the host's network namespace (no gateway, no log, no
+    address checks: the guest reaches whatever the host reaches, loopback included).
+
+    ``pool_size``: keep that many sandboxes started ahead of time (a warm pool, see ``_pool``); a spec without
+    extra mounts, limits or a snapshot is then served from it in milliseconds. ``await backend.prefill()``
+    fills it; ``aclose()`` (the end of ``async with``) terminates what is left in it.
     """
 
     name = "bwrap"
@@ -109,6 +129,11 @@ class BwrapBackend(SandboxBackend):
         default_tmp_mb: int = DEFAULT_TMP_MB,
         output_limit_bytes: int = DEFAULT_OUTPUT_LIMIT,
         start_timeout: float = 15.0,
+        resolve: Mapping[str, str | Sequence[str]] | None = None,
+        dns_upstream: str | None = None,
+        public_overrides: Sequence[str] = (),
+        share_host_network: bool = False,
+        pool_size: int = 0,
     ) -> None:
         self.store = SessionStore(Path(state_dir) if state_dir is not None else default_state_root())
         self.default_pids_max = default_pids_max
@@ -118,6 +143,18 @@ class BwrapBackend(SandboxBackend):
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._watchers: list[subprocess.Popen[bytes]] = []
         self._layout: Any = None
+        self.resolve = (
+            {name: [v] if isinstance(v, str) else list(v) for name, v in resolve.items()} if resolve else None
+        )
+        self.dns_upstream = dns_upstream
+        self.public_overrides = tuple(public_overrides)
+        self.share_host_network = share_host_network
+        self._gateways: dict[str, subprocess.Popen[bytes]] = {}
+        self._cgroups: dict[tuple[str, str], Any] = {}
+        if pool_size < 0:
+            raise InvalidRequest("must be 0 or more", field="pool_size")
+        self._pool = WarmPool(pool_size, self.store, self._start_pooled, self._discard_pooled) if pool_size else None
+        self._specs: dict[str, SandboxSpec] = {}
 
     # ------------------------------------------------------------------------------------------ capabilities
 
@@ -136,27 +173,34 @@ class BwrapBackend(SandboxBackend):
         roots += list(layout.v1_roots.values())
         return any(root is not None and os.access(root, os.W_OK) for root in roots)
 
+    @staticmethod
+    def _egress_available() -> bool:
+        # The session's namespace is configured with nft and ip (as root directly, otherwise from inside the
+        # user namespace the caller owns).
+        return find_tool("nft") is not None and find_tool("ip") is not None
+
     def capabilities(self) -> SandboxCapabilities:
         layout = self._cgroup_layout()
+        egress = self._egress_available()
         cg = self._cgroups_writable()
         freeze = cg and layout.supports("freeze")
         return SandboxCapabilities(
             local_process_sandbox=True,
-            network_policy=False,
+            network_policy=egress,
             snapshot=freeze,
             resume=freeze,
             suspend_on_idle=freeze,
             filesystem_isolation=True,
             process_isolation=True,
-            live_mounts=os.geteuid() == 0,
+            live_mounts=live_mounts_reason() is None,
             memory_snapshot=False,
             resource_limits=cg,
             memory_limit=cg and layout.supports("memory"),
             pids_limit=cg and layout.supports("pids"),
             cpu_limit=cg and layout.supports("cpu"),
             network_deny_all=True,
-            network_unrestricted=False,
-            egress_log=False,
+            network_unrestricted=egress or self.share_host_network,
+            egress_log=egress,
             exec_streaming=True,
             persistent_sessions=True,
         )
@@ -165,14 +209,82 @@ class BwrapBackend(SandboxBackend):
 
     async def provision(self, spec: SandboxSpec) -> SandboxSession:
         self.refuse_gaps(spec)
-        if spec.network_policy.mode == "unrestricted" or not spec.network_policy.denies_all:
-            raise Unsupported(self.name, "network_policy", "only deny-all networking is enforced so far")
+        if not spec.network_policy.denies_all and not self._egress_available() and not self._host_net(spec):
+            raise Unsupported(self.name, "network_policy", self._no_egress_reason())
         if spec.image is not None:
             raise Unsupported(self.name, "image", "bwrap sessions use the host's /usr, not images")
         for mount in spec.mounts:
             self._check_source(mount)
         session_id = spec.session_id or secrets.token_hex(16)
+        if session_id.startswith(POOL_PREFIX):
+            raise InvalidRequest(f"session ids starting with {POOL_PREFIX!r} are reserved", field="session_id")
+        if self._pool is not None and poolable(spec):
+            claimed = await anyio.to_thread.run_sync(self._claim_pooled, spec, session_id)
+            if claimed is not None:
+                return claimed
         return await anyio.to_thread.run_sync(self._provision_blocking, spec, session_id)
+
+    # ------------------------------------------------------------------------------------------- warm pool
+
+    async def prefill(self) -> None:
+        """Start pool sandboxes until ``pool_size`` are ready (no-op without a pool)."""
+        if self._pool is not None:
+            await anyio.to_thread.run_sync(self._pool.fill)
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            await anyio.to_thread.run_sync(self._pool.close)
+
+    def _start_pooled(self, pool_id: str) -> None:
+        self._provision_blocking(SandboxSpec(), pool_id, pool_owner=WarmPool.owner())
+
+    def _discard_pooled(self, pool_id: str) -> None:
+        record = self.store.claim(pool_id)
+        if record is not None:
+            self._terminate_blocking(record)
+
+    def _claim_pooled(self, spec: SandboxSpec, session_id: str) -> SandboxSession | None:
+        assert self._pool is not None
+        while (pool_id := self._pool.take()) is not None:
+            record = self.store.read(pool_id)
+            if record is None:
+                continue
+            if not self._alive(record):
+                self._discard_pooled(pool_id)
+                continue
+            target = self.store.session_dir(session_id)
+            if target.exists():
+                self._pool.give_back(pool_id)
+                raise InvalidRequest(f"a session with id {session_id!r} already exists", field="session_id")
+            os.rename(self.store.session_dir(pool_id), target)
+            proc = self._children.pop(pool_id, None)
+            if proc is not None:
+                self._children[session_id] = proc
+            record.update(id=session_id, spec=spec.to_json(), created=time.time(), pool_owner=None)
+            record["network_policy"] = spec.network_policy.to_json()
+            record["mounts"] = [{**m, "host_path": m["host_path"].replace(
+                str(self.store.session_dir(pool_id)), str(target), 1)} for m in record["mounts"]]
+            gateway: GatewayHandle | None = None
+            try:
+                if not spec.network_policy.denies_all:
+                    gateway = self._start_gateway(session_id, target, int(record["init_pid"]), spec.network_policy)
+                    record["gateway"] = gateway.data
+                self.store.write(session_id, record)
+            except BaseException:
+                if gateway is not None:
+                    self._stop_gateway(session_id, gateway)
+                claimed = self.store.claim(session_id)
+                self._terminate_blocking(claimed if claimed is not None else record)
+                raise
+            return self._session_from(record)
+        return None
+
+    def _host_net(self, spec: SandboxSpec) -> bool:
+        return self.share_host_network and spec.network_policy.mode == "unrestricted"
+
+    @staticmethod
+    def _no_egress_reason() -> str:
+        return "egress through the gateway needs nft and ip on the host: apt-get install nftables iproute2"
 
     def _check_source(self, mount: FilesystemMount) -> None:
         if not mount.source:
@@ -192,7 +304,9 @@ class BwrapBackend(SandboxBackend):
         if not (stat_mod.S_ISDIR(st.st_mode) or stat_mod.S_ISREG(st.st_mode)):
             raise InvalidRequest(f"{mount.source!r} is neither a directory nor a file", field="mounts.source")
 
-    def _provision_blocking(self, spec: SandboxSpec, session_id: str) -> SandboxSession:
+    def _provision_blocking(
+        self, spec: SandboxSpec, session_id: str, *, pool_owner: dict[str, Any] | None = None
+    ) -> SandboxSession:
         from ...linux import seccomp
 
         try:
@@ -201,6 +315,7 @@ class BwrapBackend(SandboxBackend):
             raise InvalidRequest(f"a session with id {session_id!r} already exists", field="session_id") from None
         cgroup: Any = None
         proc: subprocess.Popen[bytes] | None = None
+        gateway: GatewayHandle | None = None
         fds: list[int] = []
         try:
             outputs, memory = sdir / "outputs", sdir / "memory"
@@ -261,6 +376,7 @@ class BwrapBackend(SandboxBackend):
                 ready_fd=ready_w,
                 seccomp_fd=seccomp_fd,
                 info_fd=info_w,
+                share_host_network=self._host_net(spec),
             )
             log = open(sdir / "bwrap.log", "wb")  # noqa: SIM115 - handed to the child, closed below
             preexec: Callable[[], None] | None = cgroup.preexec_join() if cgroup is not None else None
@@ -285,6 +401,8 @@ class BwrapBackend(SandboxBackend):
             init_pid = self._wait_ready(proc, ready_r, info_r, sdir)
             if spec.from_snapshot:
                 self._fill_tmp(sdir, init_pid)
+            if not spec.network_policy.denies_all and not self._host_net(spec):
+                gateway = self._start_gateway(session_id, sdir, init_pid, spec.network_policy)
             record = {
                 "id": session_id,
                 "backend": self.name,
@@ -301,6 +419,11 @@ class BwrapBackend(SandboxBackend):
                 ],
                 "owned_mounts": owned,
                 "uid": os.geteuid(),
+                "network_policy": spec.network_policy.to_json(),
+                "host_network": self._host_net(spec),
+                "gateway": gateway.data if gateway is not None else None,
+                "gateway_failures": [],
+                "pool_owner": pool_owner,
             }
             self.store.write(session_id, record)
             self._children[session_id] = proc
@@ -308,6 +431,8 @@ class BwrapBackend(SandboxBackend):
                 self._start_idle_watcher(session_id, limits.idle_timeout.total_seconds())
             return self._session_from(record)
         except BaseException:
+            if gateway is not None:
+                self._stop_gateway(session_id, gateway)
             if proc is not None and proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -323,6 +448,62 @@ class BwrapBackend(SandboxBackend):
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+    # --------------------------------------------------------------------------------------------- egress
+
+    def _start_gateway(self, session_id: str, sdir: Path, init_pid: int, policy: NetworkPolicy) -> GatewayHandle:
+        handle, proc = start_gateway(
+            session_id,
+            sdir,
+            init_pid,
+            policy,
+            resolve=self.resolve,
+            dns_upstream=self.dns_upstream,
+            public_overrides=self.public_overrides,
+        )
+        self._gateways[session_id] = proc
+        return handle
+
+    def _stop_gateway(self, session_id: str, handle: GatewayHandle) -> None:
+        handle.stop()
+        proc = self._gateways.pop(session_id, None)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=2)
+
+    def _ensure_gateway(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Fail closed, then recover: a dead gateway left the guest without egress; start a new one.
+
+        The failure is recorded in the session (``metadata["gateway_failures"]``) so it is not silent.
+        """
+        data = record.get("gateway")
+        if not data or GatewayHandle(data).alive() or not self._alive(record):
+            return record
+        session_id = record["id"]
+        with record_lock(self.store.session_dir(session_id)):
+            # Another exec (or process) may have restarted it meanwhile: decide again on the current record.
+            current = self.store.read(session_id)
+            if current is None:
+                raise SessionNotFound(session_id)
+            data = current.get("gateway")
+            if not data or GatewayHandle(data).alive():
+                return current
+            return self._restart_gateway(current, data)
+
+    def _restart_gateway(self, record: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        session_id = record["id"]
+        old = self._gateways.pop(session_id, None)
+        if old is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                old.wait(timeout=1)
+        policy = NetworkPolicy.parse(record["network_policy"])
+        handle = self._start_gateway(
+            session_id, self.store.session_dir(session_id), int(record["init_pid"]), policy
+        )
+        record["gateway"] = handle.data
+        record.setdefault("gateway_failures", []).append({"time": time.time(), "pid": data.get("pid")})
+        self.store.write(session_id, record)
+        return record
 
     def _start_idle_watcher(self, session_id: str, idle_seconds: float) -> None:
         watcher = subprocess.Popen(  # detached: it must outlive this process, like the session does
@@ -385,6 +566,16 @@ class BwrapBackend(SandboxBackend):
             "init_pid": str(record["init_pid"]),
             "created": f"{record['created']:.3f}",
         }
+        if record.get("host_network"):
+            metadata["network"] = "host"
+        elif record.get("gateway"):
+            gateway = GatewayHandle(record["gateway"])
+            metadata["gateway_pid"] = str(gateway.pid)
+            metadata["gateway"] = "running" if gateway.alive() else "down (no egress; restarted on next use)"
+        failures = record.get("gateway_failures") or []
+        if failures:
+            metadata["gateway_failures"] = str(len(failures))
+            metadata["gateway_last_failure"] = f"{failures[-1]['time']:.3f}"
         state = SandboxState(record["state"])
         if not self._alive(record):
             # The sandbox died under us (killed, host restart): say so; terminate still cleans up.
@@ -415,14 +606,28 @@ class BwrapBackend(SandboxBackend):
     def _cgroup(self, record: dict[str, Any]) -> Any:
         if not record.get("cgroup"):
             return None
-        from ...linux import cgroups
+        # Cached per session: reattaching re-validates every path against the host's cgroup mounts, which
+        # costs milliseconds, and a session's cgroup never moves.
+        key = (record["id"], json.dumps(record["cgroup"], sort_keys=True))
+        cached = self._cgroups.get(key)
+        if cached is None:
+            from ...linux import cgroups
 
-        return cgroups.SessionCgroup.from_json(record["cgroup"])
+            cached = cgroups.SessionCgroup.from_json(record["cgroup"], layout=self._cgroup_layout())
+            self._cgroups[key] = cached
+        return cached
+
+    def _spec(self, record: dict[str, Any]) -> SandboxSpec:
+        # A session's spec is fixed at provision: parse it once per session, not once per exec.
+        cached = self._specs.get(record["id"])
+        if cached is None:
+            cached = self._specs[record["id"]] = SandboxSpec.parse(record["spec"])
+        return cached
 
     # ------------------------------------------------------------------------------------------------ exec
 
     def _exec_payload(self, record: dict[str, Any], request: ExecRequest) -> dict[str, Any]:
-        spec = SandboxSpec.parse(record["spec"])
+        spec = self._spec(record)
         env = {
             "PATH": GUEST_PATH,
             "HOME": GUEST_HOME,
@@ -433,6 +638,8 @@ class BwrapBackend(SandboxBackend):
             "HARN_MEMORY_DIR": MEMORY_MOUNT,
             "HARN_OUTPUTS_DIR": OUTPUTS_MOUNT,
         }
+        if record.get("gateway"):
+            env.update(proxy_env())
         env.update(spec.env)
         env.update(request.env)
         cwd = request.cwd or GUEST_HOME
@@ -455,6 +662,8 @@ class BwrapBackend(SandboxBackend):
         if record["state"] == SandboxState.SUSPENDED.value:
             await self.resume(session_id)
             record = self._record(session_id)
+        if record.get("gateway"):
+            record = await anyio.to_thread.run_sync(self._ensure_gateway, record)
         return record
 
     async def exec_stream(self, session_id: str, request: ExecRequest) -> AsyncIterator[ExecChunk | ExecResult]:
@@ -518,15 +727,63 @@ class BwrapBackend(SandboxBackend):
     # -------------------------------------------------------------------------------------------- mounts
 
     async def attach_filesystem(self, session_id: str, mount: FilesystemMount) -> SandboxSession:
-        raise Unsupported(self.name, "attach_filesystem", "live mounts are not implemented yet")
+        record = self._record(session_id)
+        reason = live_mounts_reason()
+        if reason is not None:
+            raise Unsupported(self.name, "attach_filesystem", reason)
+        self._check_source(mount)
+        if not self._alive(record):
+            raise LifecycleError(f"session {session_id!r} is not running; terminate it")
+        record = await anyio.to_thread.run_sync(attach_live, self.store, session_id, mount)
+        self._specs.pop(session_id, None)  # the recorded spec now lists the new mount
+        return self._session_from(record)
 
     async def apply_network_policy(self, session_id: str, policy: NetworkPolicy) -> SandboxSession:
         record = self._record(session_id)
-        if policy.denies_all:
-            spec = SandboxSpec.parse(record["spec"])
-            if spec.network_policy.denies_all:
+        if record.get("host_network"):
+            if policy.mode == "unrestricted":
                 return self._session_from(record)
-        raise Unsupported(self.name, "apply_network_policy", "only deny-all networking is enforced so far")
+            raise Unsupported(
+                self.name, "apply_network_policy", "a session sharing the host network cannot be narrowed"
+            )
+        if not policy.denies_all and not self._egress_available():
+            raise Unsupported(self.name, "apply_network_policy", self._no_egress_reason())
+        if not self._alive(record):
+            raise LifecycleError(f"session {session_id!r} is not running; terminate it")
+        return await anyio.to_thread.run_sync(self._apply_policy_blocking, record, policy)
+
+    def _apply_policy_blocking(self, record: dict[str, Any], policy: NetworkPolicy) -> SandboxSession:
+        session_id = record["id"]
+        record = self._ensure_gateway(record)
+        with record_lock(self.store.session_dir(session_id)):
+            current = self.store.read(session_id)
+            if current is None:
+                raise SessionNotFound(session_id)
+            return self._apply_policy_locked(current, policy)
+
+    def _apply_policy_locked(self, record: dict[str, Any], policy: NetworkPolicy) -> SandboxSession:
+        session_id = record["id"]
+        if record.get("gateway"):
+            reply = GatewayHandle(record["gateway"]).control({"op": "policy", "policy": gateway_policy_json(policy)})
+            if not reply.get("ok"):
+                error = reply.get("error") or {}
+                raise NetworkPolicyError(f"the gateway refused the policy: {error.get('message', reply)}")
+        elif not policy.denies_all:
+            # A session that started deny-all gets its gateway (and the namespace's plumbing) now.
+            sdir = self.store.session_dir(session_id)
+            handle = self._start_gateway(session_id, sdir, int(record["init_pid"]), policy)
+            record["gateway"] = handle.data
+        record["network_policy"] = policy.to_json()
+        self.store.write(session_id, record)
+        return self._session_from(record)
+
+    async def network_log(self, session_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+        record = self._record(session_id)
+        path = self.store.session_dir(session_id) / "gateway" / "audit.jsonl"
+        if record.get("host_network"):
+            raise Unsupported(self.name, "network_log", "the session shares the host network: nothing is logged")
+        entries = await anyio.to_thread.run_sync(_read_jsonl, path)
+        return entries[-limit:] if limit else entries
 
     # --------------------------------------------------------------------------------- snapshot and resume
 
@@ -546,7 +803,7 @@ class BwrapBackend(SandboxBackend):
         snapshot_id = f"{session_id[:40]}-{secrets.token_hex(8)}"
         target = self.store.snapshot_dir(snapshot_id)
         target.mkdir(mode=0o700)
-        archive = target / "archive.tar.gz"
+        archive = target / SNAPSHOT_ARCHIVE
         # Freezing makes the capture consistent: no exec writes while the archive is cut.
         was_frozen = record["state"] == SandboxState.SUSPENDED.value
         if cgroup is not None and not was_frozen:
@@ -556,9 +813,7 @@ class BwrapBackend(SandboxBackend):
             for index, target_path in enumerate(record.get("owned_mounts", [])):
                 members[f"mounts/{index}"] = self._owned_dir(record, target_path)
             members["tmp"] = Path(f"/proc/{record['init_pid']}/root/tmp")
-            with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
-                for name, path in members.items():
-                    tar.add(str(path), arcname=name, recursive=True)
+            _write_archive(archive, members)
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)
             raise
@@ -572,6 +827,7 @@ class BwrapBackend(SandboxBackend):
             "created": time.time(),
             "spec": record["spec"],
             "owned_mounts": record.get("owned_mounts", []),
+            "archive": archive.name,
             "archive_bytes": archive.stat().st_size,
             "sha256": _sha256_file(archive),
             "keeps": "files",
@@ -602,12 +858,16 @@ class BwrapBackend(SandboxBackend):
             manifest = json.loads((snap / "manifest.json").read_text())
         except (OSError, ValueError):
             raise InvalidRequest(f"no snapshot with id {snapshot_id!r}", field="from_snapshot") from None
-        archive = snap / "archive.tar.gz"
+        archive = snap / str(manifest.get("archive", "archive.tar.gz"))
+        if archive.parent != snap or not archive.is_file():
+            raise LifecycleError(f"snapshot {snapshot_id!r} has no archive")
         if _sha256_file(archive) != manifest["sha256"]:
             raise LifecycleError(f"snapshot {snapshot_id!r} is corrupt (sha256 mismatch)")
         staging = sdir / "restore"
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(staging, filter="data")
+        try:
+            _extract_archive(archive, staging)
+        except (tarfile.TarError, OSError) as exc:
+            raise LifecycleError(f"snapshot {snapshot_id!r} cannot be restored: {exc}") from exc
         for name in ("outputs", "memory"):
             src = staging / name
             if src.is_dir():
@@ -661,11 +921,18 @@ class BwrapBackend(SandboxBackend):
     # ------------------------------------------------------------------------------------------- terminate
 
     async def terminate(self, session_id: str) -> None:
-        record = self._record(session_id)
+        validate_session_id(session_id)
+        # Claimed atomically: of two concurrent terminates, one does the work and the other is told the
+        # session is gone.
+        record = await anyio.to_thread.run_sync(self.store.claim, session_id)
+        if record is None:
+            raise SessionNotFound(session_id)
         await anyio.to_thread.run_sync(self._terminate_blocking, record)
 
     def _terminate_blocking(self, record: dict[str, Any]) -> None:
         session_id = record["id"]
+        if record.get("gateway"):
+            self._stop_gateway(session_id, GatewayHandle(record["gateway"]))
         cgroup = self._cgroup(record)
         if cgroup is not None:
             # Kills every process in the session, including ones that escaped the pid tree by double forks.
@@ -682,28 +949,101 @@ class BwrapBackend(SandboxBackend):
         else:
             self._wait_gone(bwrap_pid, int(record["init_pid"]))
         self.store.remove_session(session_id)
+        self._specs.pop(session_id, None)
+        self._cgroups = {key: cg for key, cg in self._cgroups.items() if key[0] != session_id}
         self._watchers = [w for w in self._watchers if w.poll() is None]  # reap the ones that saw it go
 
     @staticmethod
     def _wait_gone(*pids: int) -> None:
         deadline = time.monotonic() + 5
         for pid in pids:
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
+            # A zombie counts as gone: nothing runs there any more, and its parent (perhaps another process,
+            # or pid 1, which reaps late here) may not reap it for a while.
+            while time.monotonic() < deadline and process_start_time(pid) is not None:
                 time.sleep(0.005)
 
     def gc(self) -> list[str]:
-        """Terminate sessions whose sandbox is gone (its supervisor died); returns their ids."""
+        """Terminate sessions whose sandbox is gone (its supervisor died), and warm-pool sandboxes whose owning
+        process is gone; returns their ids."""
         reaped = []
+        for session_id in self.store.terminating_ids(older_than=60.0):
+            # A terminate that died half-way a while ago (its caller was killed): finish it.
+            record = self.store.claim(session_id, again=True)
+            if record is not None:
+                self._terminate_blocking(record)
+                reaped.append(session_id)
+        for pool_id in self.store.pool_ids():
+            record = self.store.read(pool_id)
+            stale = record is not None and (not owner_alive(record) or not self._alive(record))
+            if stale and (record := self.store.claim(pool_id)) is not None:
+                self._terminate_blocking(record)
+                reaped.append(pool_id)
         for session_id in self.store.ids():
             record = self.store.read(session_id)
-            if record is not None and not self._alive(record):
+            dead = record is not None and not self._alive(record)
+            if dead and (record := self.store.claim(session_id)) is not None:
                 self._terminate_blocking(record)
                 reaped.append(session_id)
         return reaped
+
+
+SNAPSHOT_ARCHIVE = "archive.tar.zst"
+# zstd at its fastest level: it passes incompressible data (most of a 100 MB workspace of
+# build outputs and packages) through near memory speed, where gzip spent seconds on it.
+_ZSTD_LEVEL = 1
+
+
+def _write_archive(archive: Path, members: Mapping[str, Path]) -> None:
+    import zstandard
+
+    compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+    with (
+        open(archive, "wb") as raw,
+        compressor.stream_writer(raw) as out,
+        tarfile.open(fileobj=out, mode="w|") as tar,
+    ):
+        for name, path in members.items():
+            tar.add(str(path), arcname=name, recursive=True)
+
+
+def _extract_archive(archive: Path, staging: Path) -> None:
+    if archive.name.endswith(".tar.gz"):  # snapshots taken before zstd
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(staging, filter=_restore_filter)  # noqa: S202 - filtered: see _restore_filter
+        return
+    import zstandard
+
+    with (
+        open(archive, "rb") as raw,
+        zstandard.ZstdDecompressor().stream_reader(raw) as stream,
+        tarfile.open(fileobj=stream, mode="r|") as tar,
+    ):
+        tar.extractall(staging, filter=_restore_filter)  # noqa: S202 - filtered: see _restore_filter
+
+
+def _restore_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's ``data`` filter, except that a symlink may point anywhere.
+
+    A symlink's target is a guest path (``/tmp/x``, ``../../etc``, as the guest sees it): it is recreated as
+    it was and never followed on the host (the files are moved into place, and ``/tmp`` is copied with
+    ``symlinks=True``). Member names and hard links still may not leave the destination, and nothing is
+    written through a link (the filter resolves each member's path on the host first).
+    """
+    if member.issym():
+        checked = tarfile.data_filter(member.replace(linkname=".", deep=False), dest)
+        return checked.replace(linkname=member.linkname, deep=False)
+    return tarfile.data_filter(member, dest)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = []
+    with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict):
+                    entries.append(entry)
+    return entries
 
 
 def _sha256_file(path: Path) -> str:

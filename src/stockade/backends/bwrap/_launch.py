@@ -42,6 +42,17 @@ _ETC_FILES = (
     "/etc/python3",
     "/etc/python3.11",
 )
+# Kernel interfaces that leak host state or are only meant for the host's root (masked as Docker does).
+_MASKED_PROC = (
+    "/proc/keys",
+    "/proc/timer_list",
+    "/proc/sched_debug",
+    "/proc/kcore",
+    "/proc/kallsyms",
+    "/proc/kmsg",
+    "/proc/sysrq-trigger",
+    "/proc/latency_stats",
+)
 _MERGED_USR = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
 
@@ -67,6 +78,8 @@ class LaunchPlan:
     seccomp_fd: int
     info_fd: int
     staging_dir: Path | None = None
+    # Only for the backend's explicit ``share_host_network`` option with an unrestricted policy.
+    share_host_network: bool = False
 
 
 def find_guest_python() -> tuple[str, tuple[str, ...]]:
@@ -95,7 +108,8 @@ def _generated_etc(state_dir: Path, hostname: str) -> dict[str, Path]:
         "/etc/group": f"root:x:0:\nsandbox:x:{GUEST_UID}:\nnogroup:x:65534:\n",
         "/etc/hosts": f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
         "/etc/hostname": f"{hostname}\n",
-        # No resolver is reachable from a deny-all guest; an explicit loopback entry fails fast.
+        # The egress gateway's DNS stub when the session has egress; in a deny-all guest nothing answers
+        # there, and an explicit loopback entry fails fast.
         "/etc/resolv.conf": "nameserver 127.0.0.53\noptions timeout:1 attempts:1\n",
     }
     out: dict[str, Path] = {}
@@ -113,9 +127,9 @@ def bwrap_argv(plan: LaunchPlan) -> list[str]:
         "--unshare-user",
         "--unshare-ipc",
         "--unshare-pid",
-        "--unshare-net",
         "--unshare-uts",
         "--unshare-cgroup-try",
+        *(() if plan.share_host_network else ("--unshare-net",)),
         "--disable-userns",
         "--uid", str(GUEST_UID),
         "--gid", str(GUEST_UID),
@@ -138,12 +152,22 @@ def bwrap_argv(plan: LaunchPlan) -> list[str]:
     for path in _ETC_FILES:
         argv += ["--ro-bind-try", path, path]
     for guest, host_file in _generated_etc(plan.state_dir, plan.hostname).items():
+        if guest == "/etc/resolv.conf" and plan.share_host_network:
+            argv += ["--ro-bind-try", guest, guest]  # the host's resolver is the one reachable then
+            continue
         argv += ["--ro-bind", str(host_file), guest]
     for prefix in plan.python_binds:
         argv += ["--ro-bind", prefix, prefix]
     argv += [
         "--proc", "/proc",
+        # Launched by root, the guest's uid maps to the host's uid 0: host-wide sysctls under /proc/sys would
+        # be writable (no capability is needed for most), and root-only kernel files readable.
+        "--ro-bind", "/proc/sys", "/proc/sys",
+        *(arg for path in _MASKED_PROC if os.path.exists(path) for arg in ("--ro-bind", "/dev/null", path)),
         "--dev", "/dev",
+        # bwrap's /dev is a tmpfs without a size limit: bound /dev/shm like /tmp, and make the rest read-only.
+        "--size", str(plan.tmp_bytes), "--tmpfs", "/dev/shm",
+        "--remount-ro", "/dev",
         "--size", str(plan.tmp_bytes), "--tmpfs", "/tmp",
         "--dir", "/var/tmp",
         "--dir", "/run/stockade",

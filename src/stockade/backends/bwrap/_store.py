@@ -8,15 +8,19 @@ Layout under the state root (0700)::
     sessions/<id>/memory/         /mnt/memory
     sessions/<id>/mounts/<n>/     mounts with an empty source (session-owned)
     sessions/<id>/etc/            generated passwd, group, hosts, resolv.conf
-    snapshots/<snapshot id>/      archive.tar.gz + manifest.json (outlive the session)
+    snapshots/<snapshot id>/      archive.tar.zst + manifest.json (outlive the session)
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +39,33 @@ def default_state_root() -> Path:
 
 
 def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), to tell a live pid from a reused one."""
+    """The kernel's start time of ``pid`` (clock ticks since boot), to tell a live pid from a reused one.
+
+    None when there is no such process, or only its zombie (it has exited; nothing runs there any more).
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
     fields = stat[stat.rfind(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
     return int(fields[19])
+
+
+@contextlib.contextmanager
+def record_lock(session_dir: Path) -> Iterator[None]:
+    """Serialises read-modify-write updates of one session's record (across processes): live mounts, network
+    policy changes and gateway restarts each read, change and rewrite it."""
+    fd = os.open(session_dir / "record.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+POOL_PREFIX = "stockade-pool-"  # ids of warm-pool sandboxes (see _pool)
 
 
 class SessionStore:
@@ -74,7 +98,44 @@ class SessionStore:
             json.dump(record, f)
         os.replace(tmp, directory / "state.json")
 
+    def claim(self, session_id: str, *, again: bool = False) -> dict[str, Any] | None:
+        """Take the session for termination (atomically: a rename), returning its record; None when another
+        caller took it first or it does not exist. ``again`` re-takes one whose terminate never finished."""
+        sdir = self.session_dir(session_id)
+        claimed = sdir / "state.terminating"
+        if not again:
+            try:
+                os.rename(sdir / "state.json", claimed)
+            except FileNotFoundError:
+                return None
+        try:
+            data: dict[str, Any] = json.loads(claimed.read_text())
+        except (OSError, ValueError):
+            return None
+        return data
+
+    def terminating_ids(self, older_than: float = 0.0) -> list[str]:
+        """Sessions whose terminate began at least ``older_than`` seconds ago and never finished."""
+        now = time.time()
+        out = []
+        try:
+            entries = list(self.sessions.iterdir())
+        except OSError:
+            return []
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if now - (entry / "state.terminating").stat().st_mtime >= older_than:
+                    out.append(entry.name)
+        return sorted(out)
+
     def ids(self) -> list[str]:
+        """Ids of sessions (warm-pool sandboxes, which are nobody's session yet, excluded)."""
+        return [i for i in self._all_ids() if not i.startswith(POOL_PREFIX)]
+
+    def pool_ids(self) -> list[str]:
+        return [i for i in self._all_ids() if i.startswith(POOL_PREFIX)]
+
+    def _all_ids(self) -> list[str]:
         try:
             return sorted(p.name for p in self.sessions.iterdir() if (p / "state.json").exists())
         except OSError:

@@ -1,0 +1,774 @@
+"""The ``docker`` backend: one container per session over the Engine API, with runc or gVisor (``runsc``).
+
+Where it differs from the contract's documentation (``stockade.backend``):
+
+- The guest sees an **image**'s root (``spec.image``, default :data:`DEFAULT_IMAGE`, built locally with
+  ``stockade image build``; nothing is ever pulled), read-only, with a private tmpfs ``/tmp``, as uid 1000
+  with no capabilities, ``no-new-privileges`` and stockade's seccomp filter. The image needs ``/bin/sh`` and
+  ``sleep`` (and ``tar`` for file snapshots).
+- Network: deny-all only (``NetworkMode: none``, loopback only). ``limited`` and ``unrestricted`` raise
+  ``Unsupported``: the egress gateway's unix-socket bridge is not wired into containers yet (it would be
+  bind-mounted like the canonical mounts, with a forwarder on the container's loopback).
+- Live mounts (``attach_filesystem``) raise ``Unsupported``.
+- Snapshots: with runc they keep files (``/tmp``, outputs, memory, session-owned mounts); with gVisor they
+  keep the running processes too (``docker checkpoint``; ``capabilities().memory_snapshot``), and a session
+  started ``from_snapshot`` continues them. A process that still holds an exec's stdin/stdout/stderr cannot be
+  checkpointed by gVisor: such a snapshot is refused with the reason (redirect background processes' stdio).
+- Under gVisor a memory-limit OOM kills the whole sandbox (the session is then dead; terminate it), and no
+  pids limit is offered (gVisor's own threads count against it and a low limit stops it from booting).
+- Suspend on idle is not offered; ``suspend()`` / ``resume`` pause and unpause the container.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import anyio.to_thread
+
+from ...backend import SandboxBackend
+from ...errors import (
+    BackendUnavailable,
+    ExecError,
+    InvalidRequest,
+    LifecycleError,
+    SessionNotFound,
+    Unsupported,
+)
+from ...models import (
+    MEMORY_MOUNT,
+    OUTPUTS_MOUNT,
+    ExecRequest,
+    ExecResult,
+    FilesystemAccess,
+    FilesystemMount,
+    NetworkPolicy,
+    ResolvedMount,
+    SandboxCapabilities,
+    SandboxSession,
+    SandboxSnapshot,
+    SandboxSpec,
+    SandboxState,
+    validate_session_id,
+)
+from ._engine import Engine, EngineNotFound, ExecOutcome, default_base_url
+from ._host import check_source, chown_tree, oom_kills
+from ._kill import GUEST_KILLER, host_kill_tree
+from ._seccomp import profile_json
+from ._store import Store, default_state_root
+
+__all__ = ["DEFAULT_IMAGE", "DockerBackend", "probe"]
+
+DEFAULT_IMAGE = "stockade/base:latest"
+GUEST_UID = 1000
+GUEST_HOME = "/tmp"
+GUEST_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+DEFAULT_OUTPUT_LIMIT = 16 << 20
+DEFAULT_PIDS_MAX = 512
+DEFAULT_TMP_MB = 512
+LABEL_SESSION = "stockade.session"
+LABEL_STATE = "stockade.state"
+KEEPALIVE = ["sleep", "2147483647"]
+
+Runtime = Literal["runc", "runsc"]
+
+
+def probe() -> str | None:
+    """None when the engine at the default address answers, else what is missing and how to fix it."""
+    return _probe("docker", default_base_url("docker"))
+
+
+def _probe(engine_name: str, base_url: str) -> str | None:
+    try:
+        import docker  # noqa: F401
+    except ImportError:
+        return f"the Python package 'docker' is missing: pip install 'stockade[{engine_name}]'"
+    engine = Engine(base_url, engine_name, timeout=5)
+    try:
+        engine.ping()
+    except Exception as exc:
+        return f"cannot reach the {engine_name} engine at {base_url} ({exc}); start it or set DOCKER_HOST"
+    finally:
+        engine.close()
+    return None
+
+
+class DockerBackend(SandboxBackend):
+    """Sessions as containers. Options:
+
+    ``base_url``: the engine's API (default ``$STOCKADE_DOCKER_HOST``, ``$DOCKER_HOST``, the usual socket).
+    ``runtime``: ``"runc"`` or ``"runsc"`` (gVisor, registered in the engine's ``runtimes``).
+    ``image``: the image for specs that name none. ``state_dir``: host directories and snapshots (default
+    ``$STOCKADE_STATE_DIR/docker`` or ``/var/lib/stockade/docker``). ``default_pids_max``, ``default_tmp_mb``,
+    ``output_limit_bytes``: as for bwrap.
+    """
+
+    name = "docker"
+    engine_name = "docker"
+    init_path = "/sbin/docker-init"
+    """Where the engine's init (tini) appears in containers started with ``Init: true``."""
+    init_args: tuple[str, ...] = ("-s",)
+    """Makes the init a child subreaper when it wraps an exec (tini needs ``-s``)."""
+    init_exec_failure: re.Pattern[str] | None = None
+    """What the init prints alone on stderr when it cannot exec the command (tini exits 127 itself)."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        runtime: Runtime = "runc",
+        image: str | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
+        default_pids_max: int = DEFAULT_PIDS_MAX,
+        default_tmp_mb: int = DEFAULT_TMP_MB,
+        output_limit_bytes: int = DEFAULT_OUTPUT_LIMIT,
+        engine_timeout: float = 120.0,
+    ) -> None:
+        if runtime not in ("runc", "runsc"):
+            raise InvalidRequest(f"must be 'runc' or 'runsc', not {runtime!r}", field="runtime")
+        self.runtime: Runtime = runtime
+        self.engine = Engine(base_url or default_base_url(self.engine_name), self.engine_name, engine_timeout)
+        self.default_image = image or os.environ.get("STOCKADE_DOCKER_IMAGE") or DEFAULT_IMAGE
+        root = Path(state_dir) if state_dir is not None else default_state_root(self.engine_name)
+        self.store = Store(root)
+        self.default_pids_max = default_pids_max
+        self.default_tmp_mb = default_tmp_mb
+        self.output_limit_bytes = output_limit_bytes
+        self._runtime_checked = False
+
+    async def aclose(self) -> None:
+        self.engine.close()
+
+    # ------------------------------------------------------------------------------------------ capabilities
+
+    def capabilities(self) -> SandboxCapabilities:
+        gvisor = self.runtime == "runsc"
+        return SandboxCapabilities(
+            local_process_sandbox=False,
+            network_policy=False,
+            snapshot=True,
+            resume=True,
+            suspend_on_idle=False,
+            filesystem_isolation=True,
+            process_isolation=True,
+            live_mounts=False,
+            memory_snapshot=gvisor,
+            resource_limits=True,
+            memory_limit=True,
+            pids_limit=not gvisor,
+            cpu_limit=True,
+            network_deny_all=True,
+            network_unrestricted=False,
+            egress_log=False,
+            exec_streaming=False,
+            persistent_sessions=True,
+        )
+
+    # ------------------------------------------------------------------------------------------- provision
+
+    async def provision(self, spec: SandboxSpec) -> SandboxSession:
+        self.refuse_gaps(spec)
+        if not spec.network_policy.denies_all:
+            raise Unsupported(
+                self.name, "network_policy", "only deny-all networking is enforced so far (no egress gateway yet)"
+            )
+        for index, mount in enumerate(spec.mounts):
+            check_source(mount, index)
+        session_id = spec.session_id or secrets.token_hex(16)
+        return await anyio.to_thread.run_sync(self._provision_blocking, spec, session_id)
+
+    def _check_runtime(self) -> None:
+        if self._runtime_checked or self.runtime == "runc":
+            return
+        runtimes = self.engine.info().get("Runtimes") or {}
+        if self.runtime not in runtimes:
+            raise BackendUnavailable(
+                self.name,
+                f"the engine has no {self.runtime!r} runtime; register it in daemon.json's \"runtimes\" "
+                '(e.g. {"runsc": {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none", '
+                '"--oci-seccomp"]}}) and reload the daemon',
+            )
+        self._runtime_checked = True
+
+    def _provision_blocking(self, spec: SandboxSpec, session_id: str) -> SandboxSession:
+        self._check_runtime()
+        manifest = self._load_snapshot(spec.from_snapshot) if spec.from_snapshot else None
+        if manifest is not None and manifest["runtime"] != self.runtime and manifest["keeps"] == "processes":
+            raise InvalidRequest(
+                f"snapshot {spec.from_snapshot!r} holds gVisor process memory; restore it with runtime='runsc'",
+                field="from_snapshot",
+            )
+        try:
+            sdir = self.store.create_session_dir(session_id)
+        except FileExistsError:
+            raise InvalidRequest(f"a session with id {session_id!r} already exists", field="session_id") from None
+        container_id: str | None = None
+        try:
+            mounts, owned = self._prepare_dirs(spec, sdir)
+            if manifest is not None:
+                self._restore_dirs(manifest, sdir, mounts, owned)
+            config = self._container_config(spec, session_id, mounts)
+            container_id = self.engine.create(f"stockade-{session_id}", config)
+            if manifest is not None and manifest["keeps"] == "processes":
+                self._start_from_checkpoint(container_id, Path(manifest["path"]) / "checkpoint")
+            else:
+                self.engine.start(container_id)
+            state = self.engine.inspect(container_id)["State"]
+            if not state.get("Running"):
+                raise LifecycleError(f"the container exited at once: {state.get('Error') or state}")
+            record = {
+                "id": session_id,
+                "backend": self.name,
+                "runtime": self.runtime,
+                "container": container_id,
+                "spec": spec.to_json(),
+                "created": time.time(),
+                "mounts": [
+                    {"target": m["Target"], "access": "read_only" if m["ReadOnly"] else "read_write",
+                     "host_path": m["Source"]}
+                    for m in mounts
+                ],
+                "owned_mounts": owned,
+                "from_snapshot": spec.from_snapshot,
+            }
+            if manifest is not None and manifest["keeps"] == "files":
+                self._restore_tmp(record, Path(manifest["path"]) / "tmp.tar")
+            self.store.write(session_id, record)
+            return self._session_from(record, state)
+        except BaseException:
+            if container_id is not None:
+                with contextlib.suppress(Exception):
+                    self.engine.remove(container_id)
+            self.store.remove_session(session_id)
+            raise
+
+    def _prepare_dirs(self, spec: SandboxSpec, sdir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+        outputs, memory = sdir / "outputs", sdir / "memory"
+        outputs.mkdir()
+        memory.mkdir()
+        mounts = [
+            _bind(str(memory), MEMORY_MOUNT, read_only=not spec.memory_writable),
+            _bind(str(outputs), OUTPUTS_MOUNT, read_only=False),
+        ]
+        owned: list[str] = []
+        for index, mount in enumerate(spec.mounts):
+            source = mount.source
+            if not source:
+                owned_dir = sdir / "mounts" / str(index)
+                owned_dir.mkdir(parents=True)
+                source = str(owned_dir)
+                owned.append(mount.target)
+            mounts.append(_bind(source, mount.target, read_only=mount.access == FilesystemAccess.READ_ONLY))
+        # The guest runs as GUEST_UID: the directories the session owns are its to write (where bound rw).
+        for path in [outputs, memory, *(Path(m["Source"]) for m in mounts if m["Target"] in owned)]:
+            chown_tree(path, GUEST_UID, GUEST_UID)
+        return mounts, owned
+
+    def _container_config(self, spec: SandboxSpec, session_id: str, mounts: list[dict[str, Any]]) -> dict[str, Any]:
+        limits = spec.limits
+        host: dict[str, Any] = {
+            "Init": True,
+            "Runtime": self.runtime,
+            "NetworkMode": "none",
+            "ReadonlyRootfs": True,
+            "CapDrop": ["ALL"],
+            "SecurityOpt": ["no-new-privileges", self._seccomp_option()],
+            "Mounts": mounts,
+            "Tmpfs": {"/tmp": f"rw,nosuid,nodev,size={limits.tmp_mb or self.default_tmp_mb}m,mode=1777"},
+            "IpcMode": "private",
+            "ShmSize": 64 << 20,
+            "RestartPolicy": {"Name": "no"},
+        }
+        if limits.memory_mb is not None:
+            host["Memory"] = limits.memory_mb << 20
+            host["MemorySwap"] = limits.memory_mb << 20  # no swap: the limit is the limit
+        if self.runtime != "runsc":
+            host["PidsLimit"] = limits.pids_max or self.default_pids_max
+        if limits.cpu_count is not None:
+            host["NanoCpus"] = limits.cpu_count * 1_000_000_000
+        return {
+            "Image": spec.image or self.default_image,
+            "Entrypoint": [KEEPALIVE[0]],
+            "Cmd": KEEPALIVE[1:],
+            "User": f"{GUEST_UID}:{GUEST_UID}",
+            "WorkingDir": GUEST_HOME,
+            "Hostname": "stockade",
+            "Env": [f"{k}={v}" for k, v in self._base_env().items()],
+            "Labels": {
+                **{f"stockade.label.{k}": v for k, v in spec.labels.items()},
+                LABEL_SESSION: session_id,
+                LABEL_STATE: str(self.store.root),
+            },
+            "NetworkDisabled": True,
+            "HostConfig": host,
+        }
+
+    def _seccomp_option(self) -> str:
+        """Docker takes the profile's JSON inline."""
+        return "seccomp=" + profile_json("inet")
+
+    @staticmethod
+    def _base_env() -> dict[str, str]:
+        return {
+            "PATH": GUEST_PATH,
+            "HOME": GUEST_HOME,
+            "LANG": "C.UTF-8",
+            "TMPDIR": "/tmp",
+            "STOCKADE_MEMORY_DIR": MEMORY_MOUNT,
+            "STOCKADE_OUTPUTS_DIR": OUTPUTS_MOUNT,
+            "HARN_MEMORY_DIR": MEMORY_MOUNT,
+            "HARN_OUTPUTS_DIR": OUTPUTS_MOUNT,
+        }
+
+    # ---------------------------------------------------------------------------------------------- lookup
+
+    def _record(self, session_id: str) -> dict[str, Any]:
+        validate_session_id(session_id)
+        record = self.store.read(session_id)
+        if record is None:
+            raise SessionNotFound(session_id)
+        return record
+
+    def _state(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            state: dict[str, Any] = self.engine.inspect(record["container"])["State"]
+        except EngineNotFound:
+            return None
+        return state
+
+    def _session_from(self, record: dict[str, Any], state: dict[str, Any] | None) -> SandboxSession:
+        metadata = {
+            "container": record["container"],
+            "runtime": record["runtime"],
+            "state_dir": str(self.store.session_dir(record["id"])),
+            "created": f"{record['created']:.3f}",
+        }
+        session_state = SandboxState.RUNNING
+        if state is not None and state.get("Paused"):
+            session_state = SandboxState.SUSPENDED
+        elif state is None or not state.get("Running"):
+            metadata["health"] = "dead"
+            reason = "the container is gone" if state is None else f"the container stopped ({state.get('Status')})"
+            if state is not None and state.get("OOMKilled"):
+                reason += " after an out-of-memory kill"
+            metadata["error"] = f"{reason}; terminate the session to clean up"
+        return SandboxSession(
+            id=record["id"],
+            backend=self.name,
+            state=session_state,
+            mounts=tuple(
+                ResolvedMount(target=m["target"], access=FilesystemAccess(m["access"]), host_path=m["host_path"])
+                for m in record["mounts"]
+            ),
+            metadata=metadata,
+        )
+
+    async def get_session(self, session_id: str) -> SandboxSession:
+        record = self._record(session_id)
+        state = await anyio.to_thread.run_sync(self._state, record)
+        return self._session_from(record, state)
+
+    async def list_sessions(self) -> list[SandboxSession]:
+        def blocking() -> list[SandboxSession]:
+            out = []
+            for session_id in self.store.ids():
+                record = self.store.read(session_id)
+                if record is not None and record.get("backend") == self.name:
+                    out.append(self._session_from(record, self._state(record)))
+            return out
+
+        return await anyio.to_thread.run_sync(blocking)
+
+    # ------------------------------------------------------------------------------------------------ exec
+
+    async def exec(self, session_id: str, request: ExecRequest) -> ExecResult:
+        record = self._record(session_id)
+        return await anyio.to_thread.run_sync(self._exec_blocking, record, request)
+
+    def _running_state(self, record: dict[str, Any]) -> dict[str, Any]:
+        state = self._state(record)
+        if state is None:
+            if self.store.read(record["id"]) is None:
+                raise SessionNotFound(record["id"])
+            raise LifecycleError(f"session {record['id']!r} lost its container; terminate it")
+        if state.get("Paused"):
+            self.engine.unpause(record["container"])  # an exec on a suspended session resumes it
+            state = self.engine.inspect(record["container"])["State"]
+        if not state.get("Running"):
+            oom = " (killed for exceeding its memory limit)" if state.get("OOMKilled") else ""
+            raise LifecycleError(f"session {record['id']!r} is not running{oom}; terminate it")
+        return state
+
+    def _exec_blocking(self, record: dict[str, Any], request: ExecRequest) -> ExecResult:
+        spec = SandboxSpec.parse(record["spec"])
+        state = self._running_state(record)
+        env = {**self._base_env(), **spec.env, **request.env}
+        token = secrets.token_hex(16)
+        env["STOCKADE_EXEC_ID"] = token  # marks the exec's processes for the gVisor tree kill
+        cwd = request.cwd or GUEST_HOME
+        if not cwd.startswith("/"):
+            cwd = f"{GUEST_HOME}/{cwd}"
+        timeout = request.timeout or spec.limits.wall_time
+        limit = spec.limits.output_limit_bytes or self.output_limit_bytes
+        host_pid = int(state.get("Pid") or 0)
+        ooms_before = oom_kills(host_pid) if host_pid else None
+        started = time.monotonic()
+        out = self._run(
+            record, request.argv, env=env, cwd=cwd,
+            stdin=request.stdin.encode() if request.stdin is not None else None,
+            deadline=started + timeout.total_seconds() if timeout is not None else None,
+            limit=limit, token=token,
+        )
+        duration = (time.monotonic() - started) * 1000
+        if out.start_error is not None:
+            raise ExecError(out.start_error)
+        oom = False
+        after = self._state(record)
+        if after is not None and not after.get("Running") and after.get("OOMKilled"):
+            oom = True  # gVisor: the whole sandbox went
+        elif ooms_before is not None and not out.timed_out:
+            now = oom_kills(host_pid)
+            oom = now is not None and now > ooms_before
+        exit_code = out.exit_code
+        if exit_code is None:
+            exit_code = 137 if (oom or out.timed_out) else -1
+        return ExecResult(
+            stdout=out.stdout.decode("utf-8", errors="replace"),
+            stderr=out.stderr.decode("utf-8", errors="replace"),
+            exit_code=exit_code,
+            timed_out=out.timed_out,
+            duration_ms=duration,
+            oom_killed=oom,
+            truncated=out.truncated,
+        )
+
+    def _wrap(self, argv: list[str], record: dict[str, Any]) -> list[str]:
+        if record["runtime"] == "runsc":
+            return argv  # no PR_SET_CHILD_SUBREAPER in Debian's runsc: the tree is found by environment
+        return [self.init_path, *self.init_args, "--", *argv]
+
+    def _run(
+        self,
+        record: dict[str, Any],
+        argv: list[str],
+        *,
+        env: dict[str, str],
+        cwd: str,
+        stdin: bytes | None,
+        deadline: float | None,
+        limit: int,
+        token: str,
+    ) -> ExecOutcome:
+        container = record["container"]
+        exec_id = self.engine.exec_create(
+            container, self._wrap(argv, record), env=env, cwd=cwd, user=f"{GUEST_UID}:{GUEST_UID}",
+            stdin=stdin is not None,
+        )
+
+        def on_timeout(info: dict[str, Any]) -> None:
+            self._kill_exec(record, info, token)
+
+        out = self.engine.exec_run(exec_id, stdin=stdin, deadline=deadline, limit=limit, on_timeout=on_timeout)
+        text = out.stdout.decode(errors="replace")
+        if out.pid == 0 and out.exit_code in (126, 127) and "exec failed" in text:
+            # The runtime could not start the process at all; its message arrives on stdout.
+            if "chdir" in text or "working directory" in text:
+                out.start_error = f"cannot change to directory {cwd!r}: {text.strip()}"
+            elif "executable file not found" in text or "no such file or directory" in text:
+                out.start_error = f"command not found: {argv[0]!r}"
+            else:
+                out.start_error = f"cannot start {argv[0]!r}: {text.strip()}"
+        elif (self.init_exec_failure is not None and record["runtime"] != "runsc" and not out.stdout
+              and self.init_exec_failure.fullmatch(out.stderr.decode(errors="replace").strip())):
+            out.start_error = f"command not found: {argv[0]!r}"
+        return out
+
+    def _kill_exec(self, record: dict[str, Any], info: dict[str, Any], token: str) -> None:
+        pid = int(info.get("Pid") or 0)
+        if record["runtime"] != "runsc" and pid > 1 and Path(f"/proc/{pid}").exists():
+            host_kill_tree(pid)
+            return
+        killer = self.engine.exec_create(
+            record["container"], ["/bin/sh", "-c", GUEST_KILLER, "stockade-kill", token],
+            env={"PATH": GUEST_PATH}, cwd="/", user=f"{GUEST_UID}:{GUEST_UID}", stdin=False,
+        )
+        self.engine.exec_run(
+            killer, stdin=None, deadline=time.monotonic() + 20, limit=1 << 16, on_timeout=lambda _info: None
+        )
+
+    # -------------------------------------------------------------------------------------------- mounts
+
+    async def attach_filesystem(self, session_id: str, mount: FilesystemMount) -> SandboxSession:
+        self._record(session_id)
+        raise Unsupported(
+            self.name, "attach_filesystem", "containers get their mounts at creation; live mounts are not offered"
+        )
+
+    async def apply_network_policy(self, session_id: str, policy: NetworkPolicy) -> SandboxSession:
+        record = self._record(session_id)
+        if policy.denies_all and SandboxSpec.parse(record["spec"]).network_policy.denies_all:
+            return await self.get_session(session_id)
+        raise Unsupported(self.name, "apply_network_policy", "only deny-all networking is enforced so far")
+
+    # --------------------------------------------------------------------------------- snapshot and resume
+
+    async def snapshot(self, session_id: str) -> SandboxSnapshot:
+        record = self._record(session_id)
+        return await anyio.to_thread.run_sync(self._snapshot_blocking, record)
+
+    def _snapshot_blocking(self, record: dict[str, Any]) -> SandboxSnapshot:
+        self._running_state(record)
+        session_id = record["id"]
+        snapshot_id = f"{session_id[:40]}-{secrets.token_hex(8)}"
+        target = self.store.snapshot_dir(snapshot_id)
+        target.mkdir(mode=0o700)
+        keeps = "processes" if record["runtime"] == "runsc" else "files"
+        try:
+            if keeps == "processes":
+                self._checkpoint(record, target)
+            else:
+                self._capture_tmp(record, target / "tmp.tar")
+                self.engine.pause(record["container"])  # outputs and memory are cut while nothing writes
+                try:
+                    self._capture_dirs(record, target / "files.tar.gz")
+                finally:
+                    self.engine.unpause(record["container"])
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        manifest = {
+            "snapshot_id": snapshot_id,
+            "session_id": session_id,
+            "backend": self.name,
+            "runtime": record["runtime"],
+            "created": time.time(),
+            "spec": record["spec"],
+            "owned_mounts": record.get("owned_mounts", []),
+            "keeps": keeps,
+            "sha256": _sha256_file(target / "files.tar.gz"),
+        }
+        (target / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        return SandboxSnapshot(
+            session_id=session_id,
+            backend=self.name,
+            snapshot_id=snapshot_id,
+            metadata={"path": str(target), "keeps": keeps, "runtime": record["runtime"], "sha256": manifest["sha256"]},
+        )
+
+    def _capture_tmp(self, record: dict[str, Any], path: Path) -> None:
+        out = self._run(
+            record, ["tar", "-C", "/tmp", "-cf", "-", "."], env={"PATH": GUEST_PATH}, cwd="/", stdin=None,
+            deadline=time.monotonic() + 300, limit=(64 << 30), token=secrets.token_hex(16),
+        )
+        if out.start_error is not None or out.exit_code not in (0, 1):  # GNU tar: 1 = a file changed meanwhile
+            raise LifecycleError(
+                f"capturing /tmp failed (the image needs tar): {out.start_error or out.stderr.decode(errors='replace')}"
+            )
+        path.write_bytes(bytes(out.stdout))
+
+    def _capture_dirs(self, record: dict[str, Any], archive: Path) -> None:
+        sdir = self.store.session_dir(record["id"])
+        members = {"outputs": sdir / "outputs", "memory": sdir / "memory"}
+        by_target = {m["target"]: m["host_path"] for m in record["mounts"]}
+        for index, target in enumerate(record.get("owned_mounts", [])):
+            members[f"mounts/{index}"] = Path(by_target[target])
+        with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+            for name, path in members.items():
+                tar.add(str(path), arcname=name, recursive=True)
+
+    _HOST_FD_CHECK = (
+        # gVisor cannot restore a process holding a host file descriptor other than the container's own
+        # stdio (pid 1 and its child); an exec's pipes are such descriptors.
+        'for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" -le 2 ] && continue; [ "$p" = $$ ] && continue\n'
+        '  for f in "$d"/fd/*; do case "$(readlink "$f" 2>/dev/null)" in host:*) '
+        'echo "$p $(tr "\\000" " " < "$d/cmdline" 2>/dev/null)"; break;; esac; done\n'
+        "done\n"
+    )
+
+    def _checkpoint(self, record: dict[str, Any], target: Path) -> None:
+        container = record["container"]
+        check = self._run(
+            record, ["/bin/sh", "-c", self._HOST_FD_CHECK], env={"PATH": GUEST_PATH}, cwd="/", stdin=None,
+            deadline=time.monotonic() + 30, limit=1 << 16, token=secrets.token_hex(16),
+        )
+        holders = [
+            line for line in check.stdout.decode(errors="replace").splitlines()
+            if line.strip() and "/proc/[0-9]*" not in line
+        ]
+        # The checker's own subshells show up too; they are gone by now and carry the check's own script.
+        holders = [h for h in holders if "readlink" not in h]
+        if holders:
+            raise LifecycleError(
+                "gVisor cannot checkpoint processes that still hold an exec's stdin/stdout/stderr; start "
+                "background processes with '</dev/null >FILE 2>&1'. Holding: " + "; ".join(holders[:5])
+            )
+        name = f"snap-{secrets.token_hex(6)}"
+        self.engine.checkpoint(container, name)  # the container stops here, memory saved
+        source = self._checkpoint_root(container) / name
+        try:
+            shutil.copytree(source, target / "checkpoint")
+            self._capture_dirs(record, target / "files.tar.gz")
+        finally:
+            # Continue the session from the state just saved (gVisor cannot checkpoint and keep running).
+            self._start_from_checkpoint(container, None, name)
+
+    def _checkpoint_root(self, container: str) -> Path:
+        root = self.engine.info().get("DockerRootDir")
+        if not root:
+            raise Unsupported(self.name, "snapshot", "the engine does not say where it keeps checkpoints")
+        return Path(root) / "containers" / container / "checkpoints"
+
+    def _start_from_checkpoint(self, container: str, source: Path | None, name: str | None = None) -> None:
+        if source is not None:
+            # The engine restores only from its own per-container checkpoint directory (a custom directory
+            # is refused by Docker 20.10), so the snapshot's copy is placed there.
+            name = f"restore-{secrets.token_hex(6)}"
+            dest = self._checkpoint_root(container) / name
+            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            shutil.copytree(source, dest)
+        assert name is not None
+        try:
+            self.engine.start(container, checkpoint=name)
+        except LifecycleError as exc:
+            # Docker leaves the upload of a failed restore in containerd's content store; the retry succeeds.
+            if "already exists" not in str(exc):
+                raise
+            self.engine.start(container, checkpoint=name)
+
+    def _load_snapshot(self, snapshot_id: str) -> dict[str, Any]:
+        validate_session_id(snapshot_id, "from_snapshot")
+        snap = self.store.snapshot_dir(snapshot_id)
+        try:
+            manifest: dict[str, Any] = json.loads((snap / "manifest.json").read_text())
+        except (OSError, ValueError):
+            raise InvalidRequest(f"no snapshot with id {snapshot_id!r}", field="from_snapshot") from None
+        if manifest.get("backend") != self.name:
+            raise InvalidRequest(f"snapshot {snapshot_id!r} was made by {manifest.get('backend')!r}",
+                                 field="from_snapshot")
+        if _sha256_file(snap / "files.tar.gz") != manifest["sha256"]:
+            raise LifecycleError(f"snapshot {snapshot_id!r} is corrupt (sha256 mismatch)")
+        manifest["path"] = str(snap)
+        return manifest
+
+    def _restore_dirs(
+        self, manifest: dict[str, Any], sdir: Path, mounts: list[dict[str, Any]], owned: list[str]
+    ) -> None:
+        staging = sdir / "restore"
+        with tarfile.open(Path(manifest["path"]) / "files.tar.gz", "r:gz") as tar:
+            tar.extractall(staging, filter="data")
+        for name in ("outputs", "memory"):
+            if (staging / name).is_dir():
+                shutil.rmtree(sdir / name)
+                (staging / name).rename(sdir / name)
+        by_target = {m["Target"]: m for m in mounts}
+        for index, target in enumerate(manifest.get("owned_mounts", [])):
+            src = staging / "mounts" / str(index)
+            mount = by_target.get(target)
+            if mount is not None and target in owned and src.is_dir():
+                shutil.rmtree(mount["Source"])
+                src.rename(mount["Source"])
+        shutil.rmtree(staging, ignore_errors=True)
+        for name in ("outputs", "memory"):
+            chown_tree(sdir / name, GUEST_UID, GUEST_UID)
+        for target in owned:
+            chown_tree(Path(by_target[target]["Source"]), GUEST_UID, GUEST_UID)
+        if manifest["keeps"] == "processes":
+            spec = SandboxSpec.parse(manifest["spec"])
+            if [m.target for m in spec.mounts] != [t for t in by_target if t not in (MEMORY_MOUNT, OUTPUTS_MOUNT)]:
+                raise InvalidRequest(
+                    "a gVisor memory snapshot restores only into the same mount targets it was taken with "
+                    f"({[m.target for m in spec.mounts]})",
+                    field="mounts",
+                )
+
+    def _restore_tmp(self, record: dict[str, Any], archive: Path) -> None:
+        if not archive.exists():
+            return
+        out = self._run(
+            record, ["tar", "-C", "/tmp", "-xf", "-"], env={"PATH": GUEST_PATH}, cwd="/",
+            stdin=archive.read_bytes(), deadline=time.monotonic() + 300, limit=1 << 16,
+            token=secrets.token_hex(16),
+        )
+        if out.start_error is not None or out.exit_code != 0:
+            raise LifecycleError(
+                f"restoring /tmp failed: {out.start_error or out.stderr.decode(errors='replace').strip()}"
+            )
+
+    async def resume(self, session_id: str) -> SandboxSession:
+        record = self._record(session_id)
+
+        def blocking() -> SandboxSession:
+            state = self._state(record)
+            if state is not None and state.get("Paused"):
+                self.engine.unpause(record["container"])
+                state = self._state(record)
+            return self._session_from(record, state)
+
+        return await anyio.to_thread.run_sync(blocking)
+
+    async def suspend(self, session_id: str) -> SandboxSession:
+        """Freeze every process of the session (``docker pause``); an extension, undone by :meth:`resume`."""
+        record = self._record(session_id)
+
+        def blocking() -> SandboxSession:
+            state = self._running_state(record)
+            if not state.get("Paused"):
+                self.engine.pause(record["container"])
+            return self._session_from(record, self._state(record))
+
+        return await anyio.to_thread.run_sync(blocking)
+
+    # ------------------------------------------------------------------------------------------- terminate
+
+    async def terminate(self, session_id: str) -> None:
+        record = self._record(session_id)
+        await anyio.to_thread.run_sync(self._terminate_blocking, record)
+
+    def _terminate_blocking(self, record: dict[str, Any]) -> None:
+        self.engine.remove(record["container"])  # kills every process and removes anonymous volumes
+        self.store.remove_session(record["id"])
+
+    def gc(self) -> list[str]:
+        """Remove what crashed callers left: containers labelled with this state directory but without a
+        session record, and records whose container is gone. Returns the session ids reaped."""
+        reaped: list[str] = []
+        for container in self.engine.list_labelled(f"{LABEL_STATE}={self.store.root}"):
+            session_id = (container.get("Labels") or {}).get(LABEL_SESSION, "")
+            if self.store.read(session_id) is None:
+                self.engine.remove(container["Id"])
+                reaped.append(session_id)
+        for session_id in self.store.ids():
+            record = self.store.read(session_id)
+            if record is not None and record.get("backend") == self.name and self._state(record) is None:
+                self.store.remove_session(session_id)
+                reaped.append(session_id)
+        return reaped
+
+
+def _bind(source: str, target: str, *, read_only: bool) -> dict[str, Any]:
+    return {
+        "Type": "bind",
+        "Source": source,
+        "Target": target,
+        "ReadOnly": read_only,
+        "BindOptions": {"Propagation": "rprivate"},
+    }
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+

@@ -1,0 +1,78 @@
+"""Host-side state of container sessions, so any process can find a session again by id.
+
+Layout under the state root (0700)::
+
+    sessions/<id>/record.json     the session record (written atomically)
+    sessions/<id>/outputs/        bound at /mnt/session/outputs
+    sessions/<id>/memory/         bound at /mnt/memory
+    sessions/<id>/mounts/<n>/     mounts with an empty source (session-owned)
+    snapshots/<snapshot id>/      manifest.json, files.tar.gz, checkpoint/ (outlive the session)
+
+The container itself carries the labels ``stockade.session`` and ``stockade.state``, so containers left behind
+by a crashed process are found by label (:meth:`DockerBackend.gc`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Store", "default_state_root"]
+
+
+def default_state_root(engine: str) -> Path:
+    """``$STOCKADE_STATE_DIR/<engine>``, else ``/var/lib/stockade/<engine>`` for root, else under XDG state."""
+    env = os.environ.get("STOCKADE_STATE_DIR")
+    if env:
+        return Path(env) / engine
+    if os.geteuid() == 0:
+        return Path("/var/lib/stockade") / engine
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "stockade" / engine
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.sessions = root / "sessions"
+        self.snapshots = root / "snapshots"
+        for path in (root, self.sessions, self.snapshots):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def session_dir(self, session_id: str) -> Path:
+        return self.sessions / session_id
+
+    def create_session_dir(self, session_id: str) -> Path:
+        path = self.session_dir(session_id)
+        path.mkdir(mode=0o711)  # FileExistsError when the id is taken; 0711: the guest uid must traverse it
+        return path
+
+    def read(self, session_id: str) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = json.loads((self.session_dir(session_id) / "record.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return data
+
+    def write(self, session_id: str, record: dict[str, Any]) -> None:
+        directory = self.session_dir(session_id)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".record.", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, directory / "record.json")
+
+    def ids(self) -> list[str]:
+        try:
+            return sorted(p.name for p in self.sessions.iterdir() if (p / "record.json").exists())
+        except OSError:
+            return []
+
+    def remove_session(self, session_id: str) -> None:
+        shutil.rmtree(self.session_dir(session_id), ignore_errors=True)
+
+    def snapshot_dir(self, snapshot_id: str) -> Path:
+        return self.snapshots / snapshot_id

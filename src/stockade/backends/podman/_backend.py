@@ -1,0 +1,47 @@
+"""The ``podman`` backend: :class:`~stockade.backends.docker.DockerBackend` over Podman's Docker-compatible API.
+
+Where it differs from the docker backend: the engine's init (catatonit, Debian package ``catatonit``) is
+mounted at ``/run/podman-init`` and wraps each exec (it makes itself a child subreaper when it is not pid 1), and
+only runc is offered: Podman's checkpoints need CRIU, which does not work on every kernel, so snapshots keep
+files only (``memory_snapshot`` is false). The seccomp profile is handed over as a file in the state directory
+(Podman reads ``seccomp=`` as a path).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from ..docker._backend import DockerBackend, _probe
+from ..docker._engine import default_base_url
+from ..docker._seccomp import profile_json
+
+__all__ = ["PodmanBackend", "probe"]
+
+
+def probe() -> str | None:
+    """None when the Podman service at the default address answers, else how to start it."""
+    reason = _probe("podman", default_base_url("podman"))
+    if reason is not None:
+        reason += " (run: podman system service --time=0 unix:///run/podman/podman.sock)"
+    return reason
+
+
+class PodmanBackend(DockerBackend):
+    """Sessions as Podman containers; the options are the docker backend's (``runtime`` must be runc)."""
+
+    name = "podman"
+    engine_name = "podman"
+    init_path = "/run/podman-init"
+    init_args = ()
+    init_exec_failure = re.compile(r"ERROR \(catatonit:\d+\): failed to exec pid1: No such file or directory")
+
+    def _seccomp_option(self) -> str:
+        # Podman's compatible API reads the option as a file name, not as the profile itself.
+        path = self.store.root / "seccomp.json"
+        text = profile_json("inet")
+        if not path.exists() or path.read_text() != text:
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        return f"seccomp={path}"

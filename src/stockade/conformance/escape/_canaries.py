@@ -1,0 +1,234 @@
+"""Host-side canaries of the escape suite, beyond the TCP listener and files of the contract suite.
+
+Each one records whether a guest reached it: a unix-socket daemon (pathname or abstract) and a UDP socket count
+what arrives, a host process can be checked for a tracer, a stop or its death, inheritable fds stand for
+descriptors a careless backend would hand into the sandbox, and a sampler keeps the peak of a host measurement
+(memory, process count) while a resource attack runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = [
+    "HostProcess",
+    "HostUdpListener",
+    "HostUnixListener",
+    "Sampler",
+    "host_rss_bytes",
+    "processes_with",
+]
+
+
+class _Recorder:
+    """A daemon thread polling a socket; subclasses say what one poll does."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self._sock = sock
+        self._sock.settimeout(0.1)  # polling lets close() stop the thread without racing a blocked call
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.hits: list[str] = []
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                hit = self._poll()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.hits.append(hit)
+
+    def _poll(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self.hits)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sock.close()
+
+
+class HostUnixListener(_Recorder):
+    """A stand-in for a host daemon's unix socket (think ``docker.sock``): records and greets every client.
+
+    ``path`` binds a pathname socket (world-writable, so only the sandbox stands in the way), ``abstract`` a
+    socket in the abstract namespace of the host's network namespace.
+    """
+
+    def __init__(self, *, path: Path | None = None, abstract: str | None = None) -> None:
+        if (path is None) == (abstract is None):
+            raise ValueError("give exactly one of path and abstract")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if path is not None:
+                sock.bind(str(path))
+                path.chmod(0o777)
+            else:
+                sock.bind("\0" + str(abstract))
+            sock.listen(16)
+        except BaseException:
+            sock.close()
+            raise
+        self.path = path
+        self.abstract = abstract
+        self.greeting = "stockade-daemon-" + secrets.token_hex(8)
+        super().__init__(sock, "stockade-escape-unix")
+
+    def _poll(self) -> str:
+        conn, _ = self._sock.accept()
+        with contextlib.suppress(OSError):
+            conn.sendall(self.greeting.encode() + b"\n")
+        conn.close()
+        return "connection"
+
+    def close(self) -> None:
+        super().close()
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+
+class HostUdpListener(_Recorder):
+    """A UDP socket on a host loopback address that records every datagram it receives."""
+
+    def __init__(self, address: str) -> None:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.bind((address, 0))
+        except BaseException:
+            sock.close()
+            raise
+        self.address = address
+        self.port: int = sock.getsockname()[1]
+        super().__init__(sock, "stockade-escape-udp")
+
+    def _poll(self) -> str:
+        data, _peer = self._sock.recvfrom(4096)
+        return data.decode(errors="replace")
+
+
+class HostProcess:
+    """A host process the guest must neither see, signal, trace nor read: ``sleep`` with a unique duration.
+
+    The duration doubles as a needle: no other process on the host carries ``self.needle`` in its command
+    line.
+    """
+
+    def __init__(self) -> None:
+        self.needle = f"600.{secrets.randbelow(10**9):09d}"
+        self._proc = subprocess.Popen(
+            ["sleep", self.needle],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.pid = self._proc.pid
+
+    def status(self) -> dict[str, str]:
+        """Fields of ``/proc/<pid>/status`` (empty once the process is gone)."""
+        try:
+            text = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return {}
+        fields = {}
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+        return fields
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def harmed(self) -> list[str]:
+        """What a guest did to the process: killed it, stopped it, or attached a tracer."""
+        if not self.alive():
+            return [f"killed (returncode {self._proc.returncode})"]
+        status = self.status()
+        found = []
+        if status.get("State", "").startswith(("T", "t")):
+            found.append(f"stopped (state {status['State']})")
+        if status.get("TracerPid", "0") != "0":
+            found.append(f"traced by pid {status['TracerPid']}")
+        return found
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=5)
+
+
+class Sampler:
+    """Calls ``measure`` every ``interval`` seconds in a thread and keeps the largest value seen."""
+
+    def __init__(self, measure: Callable[[], int], interval: float = 0.02) -> None:
+        self._measure = measure
+        self._interval = interval
+        self.peak = measure()
+        self.first = self.peak
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stockade-escape-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with contextlib.suppress(Exception):
+                self.peak = max(self.peak, self._measure())
+
+    def close(self) -> None:
+        self.stop()
+
+    def stop(self) -> int:
+        """Stop sampling (idempotent); returns the peak."""
+        self._stop.set()
+        self._thread.join(timeout=2)
+        with contextlib.suppress(Exception):
+            self.peak = max(self.peak, self._measure())
+        return self.peak
+
+
+def host_rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of a host process, in bytes (0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def processes_with(needle: str) -> list[int]:
+    """Pids of host processes whose command line contains ``needle`` (this process excluded)."""
+    found = []
+    own = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == own:
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle.encode() in cmdline:
+            found.append(int(entry.name))
+    return found
+

@@ -1,0 +1,362 @@
+"""The new mount API (``open_tree``, ``mount_setattr``, ``move_mount``, ``openat2``) through raw system calls, and
+a helper that attaches a host directory or file to the mount namespace of a running sandbox.
+
+Why a helper process: joining a user namespace (``setns(CLONE_NEWUSER)``) is refused to a multi-threaded
+process and cannot be undone, so the work runs in a short-lived, single-threaded child
+(:func:`run_attach_helper`), which executes this file as a script with ``python -I -S``. The module therefore
+imports nothing but the standard library.
+
+How an attach works (:func:`attach_into_namespace`), for root and unprivileged callers alike:
+
+1. join the user namespace that *owns* the sandbox's mount namespace (the caller owns it: it created the
+   sandbox), which gives every capability over that namespace and none over the host;
+2. unshare a private mount namespace there (a throw-away copy of the host's, every mount in it locked), and
+   clone the source into a detached tree with ``open_tree(OPEN_TREE_CLONE)``; the source path is resolved with
+   ``RESOLVE_NO_SYMLINKS``, so a symlink anywhere in it is refused rather than followed;
+3. set ``nosuid``, ``nodev`` (and ``ro``) on the whole detached tree with ``mount_setattr`` and make it private;
+4. enter the sandbox's mount namespace and resolve the target one component at a time from the guest's root,
+   again with ``RESOLVE_NO_SYMLINKS``: a guest-planted symlink cannot redirect the mount. Missing components are
+   created as directories (or, for a file source, an empty file at the end); on the sandbox's own read-only
+   root tmpfs they are created through a private writable clone of that mount, so the guest never sees its
+   root writable;
+5. ``move_mount`` the detached tree onto the exact directory entry that was opened.
+
+Nothing is mounted on the host at any point: the copies live in namespaces that disappear with the helper and
+with the sandbox. The mount lands in a namespace owned by the sandbox's outer user namespace, while the guest
+runs in a nested one, so even a guest process holding every capability of its own user namespace cannot
+remount it: the ``ro`` flag is locked for everything the guest can reach.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import functools
+import json
+import os
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "AT_EMPTY_PATH",
+    "AT_RECURSIVE",
+    "MOUNT_ATTR_NODEV",
+    "MOUNT_ATTR_NOSUID",
+    "MOUNT_ATTR_RDONLY",
+    "MOVE_MOUNT_F_EMPTY_PATH",
+    "MOVE_MOUNT_T_EMPTY_PATH",
+    "OPEN_TREE_CLOEXEC",
+    "OPEN_TREE_CLONE",
+    "RESOLVE_NO_MAGICLINKS",
+    "RESOLVE_NO_SYMLINKS",
+    "AttachFailed",
+    "AttachResult",
+    "attach_into_namespace",
+    "mount_setattr",
+    "move_mount",
+    "new_mount_api_available",
+    "ns_owner",
+    "open_tree",
+    "openat2",
+    "run_attach_helper",
+    "setns",
+    "unshare",
+]
+
+# System call numbers of the calls added after 5.0: one table for every architecture but alpha.
+_NR_OPEN_TREE = 428
+_NR_MOVE_MOUNT = 429
+_NR_OPENAT2 = 437
+_NR_MOUNT_SETATTR = 442
+
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+MOVE_MOUNT_F_EMPTY_PATH = 0x04
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MS_PRIVATE = 1 << 18
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+NS_GET_USERNS = 0xB701
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+def _check(result: int, what: str, path: str | None = None) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", path)
+    return result
+
+
+def _path(path: str) -> bytes:
+    return os.fsencode(path)
+
+
+def open_tree(dfd: int, path: str, flags: int) -> int:
+    """``open_tree(2)``: an fd on a mount, or with ``OPEN_TREE_CLONE`` on a detached copy of it."""
+    return _check(_libc.syscall(_NR_OPEN_TREE, dfd, _path(path), ctypes.c_uint(flags)), "open_tree", path)
+
+
+def move_mount(from_dfd: int, from_path: str, to_dfd: int, to_path: str, flags: int) -> None:
+    """``move_mount(2)``: attach (or move) a mount onto a directory entry."""
+    _check(
+        _libc.syscall(_NR_MOVE_MOUNT, from_dfd, _path(from_path), to_dfd, _path(to_path), ctypes.c_uint(flags)),
+        "move_mount",
+        to_path,
+    )
+
+
+def mount_setattr(
+    dfd: int, path: str, flags: int, attr_set: int = 0, attr_clr: int = 0, propagation: int = 0
+) -> None:
+    """``mount_setattr(2)``: change the flags (and propagation) of a mount or, with ``AT_RECURSIVE``, a tree."""
+    attr = _MountAttr(attr_set, attr_clr, propagation, 0)
+    _check(
+        _libc.syscall(_NR_MOUNT_SETATTR, dfd, _path(path), ctypes.c_uint(flags), ctypes.byref(attr),
+                      ctypes.c_size_t(ctypes.sizeof(attr))),
+        "mount_setattr",
+        path,
+    )
+
+
+def openat2(dfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    """``openat2(2)`` with ``RESOLVE_*`` restrictions on how ``path`` may be walked."""
+    how = _OpenHow(flags, mode, resolve)
+    return _check(
+        _libc.syscall(_NR_OPENAT2, dfd, _path(path), ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))),
+        "openat2",
+        path,
+    )
+
+
+def setns(fd: int, nstype: int) -> None:
+    """``setns(2)``: move the calling process (which must be single-threaded for a user namespace)."""
+    _check(_libc.setns(fd, nstype), "setns")
+
+
+def unshare(flags: int) -> None:
+    """``unshare(2)``."""
+    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def ns_owner(ns_fd: int) -> int:
+    """An fd on the user namespace that owns the namespace ``ns_fd`` refers to (``NS_GET_USERNS``)."""
+    return fcntl.ioctl(ns_fd, NS_GET_USERNS)
+
+
+@functools.cache
+def new_mount_api_available() -> bool:
+    """True when the kernel has ``open_tree``, ``move_mount``, ``mount_setattr`` and ``openat2`` (Linux 5.12+)."""
+    for nr in (_NR_OPEN_TREE, _NR_MOVE_MOUNT, _NR_MOUNT_SETATTR, _NR_OPENAT2):
+        # Invalid arguments: a kernel that knows the call answers EBADF/EINVAL/EFAULT, never ENOSYS.
+        if _libc.syscall(nr, -1, None, 0, None, 0) < 0 and ctypes.get_errno() == errno.ENOSYS:
+            return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------- attach
+
+
+@dataclass(frozen=True)
+class AttachResult:
+    """What the helper reports after a successful attach."""
+
+    target: str
+    created: tuple[str, ...]
+    """Guest paths of the mount points it had to create (outermost first)."""
+
+
+class AttachFailed(Exception):
+    """The helper could not attach the mount; ``stage`` says where (``source``, ``namespace``, ``target``,
+    ``mount``), ``errno`` why (``ELOOP``: a symlink was met)."""
+
+    def __init__(self, stage: str, err: int, message: str) -> None:
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+        self.errno = err
+        self.message = message
+
+
+_RESOLVE = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_BENEATH
+
+
+def _open_source(source: str) -> int:
+    # From "/" with RESOLVE_BENEATH: the path is absolute and every component must be a real directory entry.
+    root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return openat2(root, source.lstrip("/") or ".", os.O_PATH | os.O_CLOEXEC, _RESOLVE)
+    finally:
+        os.close(root)
+
+
+def _make_entry(parent: int, name: str, directory: bool) -> None:
+    if directory:
+        os.mkdir(name, 0o755, dir_fd=parent)
+    else:
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=parent))
+
+
+def _create(parent: int, name: str, directory: bool, root_dev: int) -> None:
+    try:
+        _make_entry(parent, name, directory)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+    # Read-only here. Only the sandbox's own root tmpfs (same superblock as "/", an in-memory filesystem with an
+    # anonymous device) may be written through a private writable clone: a clone of a bind of a host directory
+    # would write onto the host.
+    st = os.fstat(parent)
+    if st.st_dev != root_dev or os.major(st.st_dev) != 0:
+        raise OSError(errno.EROFS, "the parent directory is read-only in the guest", name)
+    clone = open_tree(parent, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH)
+    try:
+        mount_setattr(clone, "", AT_EMPTY_PATH, attr_clr=MOUNT_ATTR_RDONLY)
+        _make_entry(clone, name, directory)
+    finally:
+        os.close(clone)
+
+
+def _open_target(target: str, directory: bool) -> tuple[int, list[str]]:
+    """An O_PATH fd on the guest path ``target`` (created if missing), never reached through a symlink."""
+    parts = [p for p in target.split("/") if p]
+    if not parts:
+        raise OSError(errno.EBUSY, "cannot mount over the guest's root", target)
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    root_dev = os.fstat(fd).st_dev
+    created: list[str] = []
+    walked = ""
+    try:
+        for i, name in enumerate(parts):
+            last = i == len(parts) - 1
+            walked += "/" + name
+            want_dir = directory or not last
+            flags = os.O_PATH | os.O_CLOEXEC | (os.O_DIRECTORY if want_dir else 0)
+            try:
+                nfd = openat2(fd, name, flags, _RESOLVE)
+            except FileNotFoundError:
+                _create(fd, name, want_dir, root_dev)
+                created.append(walked)
+                nfd = openat2(fd, name, flags, _RESOLVE)
+            parent_dev = os.fstat(fd).st_dev
+            os.close(fd)
+            fd = nfd
+            if last:
+                st = os.fstat(fd)
+                if st.st_dev != parent_dev:
+                    raise OSError(errno.EBUSY, "something is already mounted there", walked)
+                if not directory and not stat.S_ISREG(st.st_mode):
+                    raise OSError(errno.EISDIR, "a file source needs a file (or nothing) at the target", walked)
+        return fd, created
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def attach_into_namespace(userns_fd: int, mntns_fd: int, source: str, target: str, readonly: bool) -> AttachResult:
+    """Bind ``source`` (host path) at ``target`` (guest path) in the mount namespace ``mntns_fd``.
+
+    Changes the namespaces of the calling process for good: call it only in a helper process (see the module
+    docstring for the steps and why they are safe).
+    """
+    stage = "namespace"
+    try:
+        setns(userns_fd, CLONE_NEWUSER)
+        unshare(CLONE_NEWNS)
+        stage = "source"
+        src = _open_source(source)
+        mode = os.fstat(src).st_mode
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            raise OSError(errno.EINVAL, "the source is neither a directory nor a regular file", source)
+        directory = stat.S_ISDIR(mode)
+        stage = "mount"
+        tree = open_tree(src, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE)
+        os.close(src)
+        flags = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if readonly else 0)
+        mount_setattr(tree, "", AT_EMPTY_PATH | AT_RECURSIVE, attr_set=flags, propagation=MS_PRIVATE)
+        stage = "namespace"
+        setns(mntns_fd, CLONE_NEWNS)
+        stage = "target"
+        dest, created = _open_target(target, directory)
+        stage = "mount"
+        move_mount(tree, "", dest, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)
+    except OSError as exc:
+        raise AttachFailed(stage, exc.errno or 0, f"{exc.strerror or exc} ({exc.filename or target})") from exc
+    return AttachResult(target=target, created=tuple(created))
+
+
+def run_attach_helper(
+    userns_fd: int, mntns_fd: int, source: str, target: str, readonly: bool, timeout: float = 30.0
+) -> AttachResult:
+    """Run :func:`attach_into_namespace` in a fresh single-threaded interpreter; raises :class:`AttachFailed`."""
+    request = json.dumps({"source": source, "target": target, "readonly": readonly,
+                          "userns_fd": userns_fd, "mntns_fd": mntns_fd})
+    try:
+        proc = subprocess.run(  # our own interpreter running this very file
+            [sys.executable, "-I", "-S", os.path.abspath(__file__)],
+            input=request.encode(),
+            capture_output=True,
+            pass_fds=(userns_fd, mntns_fd),
+            close_fds=True,
+            timeout=timeout,
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            check=False,
+        )
+    except subprocess.TimeoutExpired:  # run() has killed it
+        raise AttachFailed("helper", errno.ETIMEDOUT, f"the mount helper did not finish within {timeout:g} s"
+                           ) from None
+    try:
+        reply: dict[str, Any] = json.loads(proc.stdout)
+    except ValueError:
+        detail = proc.stderr.decode(errors="replace").strip()[-500:] or f"exit status {proc.returncode}"
+        raise AttachFailed("helper", errno.EIO, f"the mount helper failed: {detail}") from None
+    if "error" in reply:
+        raise AttachFailed(reply["stage"], int(reply["errno"]), reply["error"])
+    return AttachResult(target=reply["target"], created=tuple(reply["created"]))
+
+
+def _main() -> int:
+    request = json.loads(sys.stdin.read())
+    try:
+        result = attach_into_namespace(request["userns_fd"], request["mntns_fd"], request["source"],
+                                       request["target"], bool(request["readonly"]))
+    except AttachFailed as exc:
+        print(json.dumps({"stage": exc.stage, "errno": exc.errno, "error": exc.message}))
+        return 1
+    print(json.dumps({"target": result.target, "created": list(result.created)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
