@@ -26,9 +26,6 @@ KNOWN_ESCAPES = {
                                    "guest (connect() ignores MS_RDONLY); fix pending in bwrap",
     "escape.leak.host_paths": "escape: /proc/self/mountinfo shows mount sources, the state directory and the "
                               "session id; fix pending in bwrap",
-    "escape.life.snapshot_during_writes": "overrefused: a snapshot holding an absolute symlink cannot be "
-                                          "restored (tarfile AbsoluteLinkError escapes provision); fix pending "
-                                          "in bwrap",
 }
 
 test_escape = make_escape_tests(lambda: BwrapBackend(_STATE), known_failures=KNOWN_ESCAPES)

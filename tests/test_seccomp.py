@@ -218,7 +218,7 @@ def test_documented_lists() -> None:
     for name in ("mount", "keyctl", "bpf", "unshare", "setns", "io_uring_setup", "userfaultfd", "chroot"):
         assert name in BLOCKED_SYSCALLS
     assert set(PTRACE_SYSCALLS) <= set(BLOCKED_SYSCALLS)
-    assert ENOSYS_SYSCALLS == ("clone3",)
+    assert ENOSYS_SYSCALLS == ("clone3", "openat2")
     assert len(set(BLOCKED_SYSCALLS)) == len(BLOCKED_SYSCALLS)
     for name in ("getpid", "read", "write", "openat", "clone", "socket", "ioctl", "execve", "seccomp"):
         assert name not in BLOCKED_SYSCALLS
@@ -623,3 +623,20 @@ def test_bwrap_loads_the_program(seccomp_fd: int) -> None:
     assert got["open"] == 0
     assert got["sock_inet_stream"] == 0  # --unshare-all leaves a loopback-only netns, sockets still open
     assert got["sock_netlink"] == errno.EAFNOSUPPORT
+
+
+@pytest.mark.parametrize("abi", sorted(ABIS))
+def test_setid_modes_are_refused_plain_modes_pass(abi: str) -> None:
+    """No set-user/group-ID file can be made (chmod or create); ordinary modes are untouched."""
+    profile = default_profile()
+    calls = {"chmod": 1, "fchmod": 1, "fchmodat": 2, "open": 2, "openat": 3, "creat": 1}
+    checked = 0
+    for name, index in calls.items():
+        if nr_of(abi, name) < 0:
+            continue
+        for mode, refused in ((0o4755, True), (0o2755, True), (0o6000, True), (0o755, False), (0o1777, False)):
+            args = [0] * 6
+            args[index] = mode
+            assert (errno_of(decide(profile, abi, name, *args)) == errno.EPERM) is refused, (abi, name, oct(mode))
+        checked += 1
+    assert checked >= 5
