@@ -127,12 +127,7 @@ class _Engine:
 async def _measure(args: argparse.Namespace, cfg: RunConfig, workdir: Path) -> dict[str, SystemResult]:
     systems: dict[str, SystemResult] = {}
 
-    mark = [time.monotonic()]
-
     def add(system: SystemResult) -> None:
-        now = time.monotonic()
-        system.info["duration_s"] = round(now - mark[0], 1)  # includes its set-up (a dockerd, a service)
-        mark[0] = now
         systems[system.name] = system
 
     peers = set() if args.peers.strip() in ("", "none") else {p.strip() for p in args.peers.split(",")}

@@ -155,18 +155,22 @@ def _memory(systems: Systems, out: Path) -> None:
 def _scaling(systems: Systems, out: Path) -> None:
     curves = {name: s["info"]["scaling"] for name, s in systems.items() if s["info"].get("scaling")}
     fig, axes = _figure(6, 3)
-    for name, levels in curves.items():
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, levels) in enumerate(curves.items()):
+        colour = palette[i % len(palette)]  # one colour per backend: solid p50 / PSS, dashed p95 / RSS
         n = [lv["sessions"] for lv in levels]
-        axes[0].plot(n, [lv["provision"]["p50"] for lv in levels], marker="o", label=f"{name} p50")
-        axes[0].plot(n, [lv["provision"]["p95"] for lv in levels], marker="x", linestyle="--", label=f"{name} p95")
-        axes[1].plot(n, [lv["exec"]["p50"] for lv in levels], marker="o", label=f"{name} p50")
-        axes[1].plot(n, [lv["exec"]["p95"] for lv in levels], marker="x", linestyle="--", label=f"{name} p95")
+        for ax, key in ((axes[0], "provision"), (axes[1], "exec")):
+            ax.plot(n, [lv[key]["p50"] for lv in levels], marker="o", color=colour, label=f"{name} p50")
+            ax.plot(n, [lv[key]["p95"] for lv in levels], marker="x", linestyle="--", color=colour,
+                    label=f"{name} p95")
         mem = [(lv["sessions"], lv["memory"]) for lv in levels if lv.get("memory")]
         if mem:
             pss = [sorted(m["pss_mib"])[len(m["pss_mib"]) // 2] for _, m in mem]
-            axes[2].plot([k for k, _ in mem], pss, marker="o", label=f"{name} PSS p50")
+            axes[2].plot([k for k, _ in mem], pss, marker="o", color=colour, label=f"{name} PSS p50")
             axes[2].plot([k for k, _ in mem], [m["rss_p50_mib"] for _, m in mem], marker="x", linestyle="--",
-                         label=f"{name} RSS p50")
+                         color=colour, label=f"{name} RSS p50")
+    for ax in axes[:2]:
+        ax.set_yscale("log")
     titles = ("provision -> ready, each (ms)", "exec `true`, all at once (ms)", "idle memory per session (MiB)")
     levels = sorted({lv["sessions"] for curve in curves.values() for lv in curve})
     for ax, title in zip(axes, titles, strict=True):
