@@ -346,6 +346,17 @@ class DockerBackend(SandboxBackend):
             return None
         return state
 
+    def _settled_state(self, record: dict[str, Any], wait: float = 3.0) -> dict[str, Any] | None:
+        # gVisor's whole sandbox dies when its memory cgroup OOMs; the exec then fails (exit 128, a urpc EOF)
+        # before dockerd has seen the container stop. Wait briefly for the engine to catch up, so the OOM is
+        # reported as such rather than as a strange exit code.
+        deadline = time.monotonic() + wait
+        state = self._state(record)
+        while state is not None and state.get("Running") and time.monotonic() < deadline:
+            time.sleep(0.05)
+            state = self._state(record)
+        return state
+
     def _session_from(self, record: dict[str, Any], state: dict[str, Any] | None) -> SandboxSession:
         metadata = {
             "container": record["container"],
@@ -434,6 +445,9 @@ class DockerBackend(SandboxBackend):
             raise ExecError(out.start_error)
         oom = False
         after = self._state(record)
+        sandbox_failed = out.exit_code is None or (out.exit_code == 128 and b"in sandbox" in out.stderr[-4096:])
+        if record["runtime"] == "runsc" and sandbox_failed and after is not None and after.get("Running"):
+            after = self._settled_state(record)  # the sandbox may be dying: the engine notices a moment later
         if after is not None and not after.get("Running") and after.get("OOMKilled"):
             oom = True  # gVisor: the whole sandbox went
         elif ooms_before is not None and not out.timed_out:
