@@ -345,3 +345,117 @@ def test_unknown_and_dead_sessions(backend: BwrapBackend, canary: tuple[Path, st
 
 def test_capability_flag_matches(backend: BwrapBackend) -> None:
     assert backend.capabilities().live_mounts
+
+
+# ------------------------------------------------------------------------------------- sealed read-only mounts
+
+_CONNECT = textwrap.dedent("""
+    import socket, sys
+    c = socket.socket(socket.AF_UNIX)
+    c.settimeout(5)
+    try:
+        c.connect(sys.argv[1])
+        print("answered " + c.recv(16).decode())
+    except OSError as exc:
+        print("refused " + type(exc).__name__)
+""")
+
+
+class _Daemon:
+    """A host unix listener standing in for a daemon (docker.sock): greets and counts every connection."""
+
+    def __init__(self, path: Path) -> None:
+        import socket
+        import threading
+
+        self.greeting = f"hi-{secrets.token_hex(4)}"
+        self.count = 0
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(str(path))
+        os.chmod(path, 0o777)  # any uid may connect: only the mount can stop it
+        self.sock.listen(8)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.count += 1
+            conn.sendall(self.greeting.encode())
+            conn.close()
+
+    def close(self) -> None:
+        import socket
+
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+def _connect(backend: BwrapBackend, session_id: str, path: str) -> str:
+    result = anyio.run(backend.exec, session_id, ExecRequest(command="python3", args=("-c", _CONNECT, path)))
+    assert result.exit_code == 0, result
+    return result.stdout.strip()
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["provisioned", "attached-live"])
+def test_host_daemon_socket_in_read_only_mount_refuses_guest(
+    backend: BwrapBackend, canary: tuple[Path, str], tmp_path: Path, live: bool
+) -> None:
+    directory, text = canary
+    daemon = _Daemon(directory / "daemon.sock")
+    rw = tmp_path / "rw"
+    rw.mkdir()
+    rw_daemon = _Daemon(rw / "daemon.sock")
+    try:
+        mounts = [{"source": str(rw), "target": "/mnt/rw", "access": "read_write"}]
+        if not live:
+            mounts.append({"source": str(directory), "target": "/mnt/ro", "access": "read_only"})
+        sid = provision(backend, mounts=mounts)
+        if live:
+            attach(backend, sid, str(directory), "/mnt/ro")
+        # Admitted: the files of the read-only mount read, and a daemon socket in a read-write mount (which the
+        # caller granted for writing) answers, so the probe can tell a refusal from a broken connect.
+        assert sh(backend, sid, "cat /mnt/ro/keep; echo; ls /mnt/ro").stdout.split() == [text, "daemon.sock", "keep"]
+        assert _connect(backend, sid, "/mnt/rw/daemon.sock") == f"answered {rw_daemon.greeting}"
+        assert rw_daemon.count == 1
+        # Refused: the socket is listed in the read-only mount, but connecting reaches no host daemon.
+        outcome = _connect(backend, sid, "/mnt/ro/daemon.sock")
+        assert outcome.startswith("refused"), outcome
+        assert daemon.count == 0
+        # The mount shows neither the host path of its source nor a writable flag.
+        info = sh(backend, sid, "cat /proc/self/mountinfo").stdout
+        line = next(line for line in info.splitlines() if line.split()[4] == "/mnt/ro")
+        assert str(directory) not in line and " overlay " in line, line
+        assert "ro" in guest_mount_options(backend, sid, "/mnt/ro")
+        session = anyio.run(backend.get_session, sid)
+        assert "unsealed_mounts" not in session.metadata
+    finally:
+        daemon.close()
+        rw_daemon.close()
+
+
+def test_nested_mounts_keep_the_spec_order(backend: BwrapBackend, canary: tuple[Path, str], tmp_path: Path) -> None:
+    """Mounts after a sealed one are placed after it, so a read-write mount inside a read-only one stays
+    writable and one around it does not hide it."""
+    directory, text = canary
+    (directory / "out").mkdir()
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    work.mkdir()
+    sid = provision(backend, mounts=[
+        {"source": str(directory), "target": "/data", "access": "read_only"},
+        {"source": str(out), "target": "/data/out", "access": "read_write"},
+        {"source": str(work), "target": "/work", "access": "read_write"},
+        {"source": str(directory), "target": "/work/ref", "access": "read_only"},
+    ])
+    result = sh(backend, sid, "echo made > /data/out/new && cat /data/keep && echo && cat /work/ref/keep && echo && "
+                              "echo w > /work/w && ! touch /data/nope 2>/dev/null && "
+                              "! touch /work/ref/nope 2>/dev/null")
+    assert result.exit_code == 0, result
+    assert result.stdout.split() == [text, text]
+    assert (out / "new").read_text() == "made\n"
+    assert (work / "w").read_text() == "w\n"
+    assert sorted(p.name for p in directory.iterdir()) == ["keep", "out"]

@@ -22,8 +22,6 @@ _STATE = Path(tempfile.mkdtemp(prefix="stockade-escape-"))
 atexit.register(shutil.rmtree, _STATE, True)  # every case terminates its sessions; this removes the empty store
 
 KNOWN_ESCAPES = {
-    "escape.net.unix_in_ro_mount": "escape: a host daemon's unix socket inside a read-only mount answers the "
-                                   "guest (connect() ignores MS_RDONLY); fix pending in bwrap",
     "escape.leak.host_paths": "escape: /proc/self/mountinfo shows mount sources, the state directory and the "
                               "session id; fix pending in bwrap",
 }

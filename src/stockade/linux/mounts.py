@@ -21,6 +21,18 @@ How an attach works (:func:`attach_into_namespace`), for root and unprivileged c
    root writable;
 5. ``move_mount`` the detached tree onto the exact directory entry that was opened.
 
+A read-only directory is not attached as a bind but *sealed* (:func:`sealed_overlay`): a read-only overlayfs
+whose lower layers are the detached clone and an empty tmpfs, both handed over as file descriptors. Two things a
+bind cannot do follow from that. ``connect()`` on a unix socket ignores ``MS_RDONLY``, so through a bind a host
+daemon whose socket sits in the directory (the ``docker.sock`` class of breaks) would answer the guest; through
+the overlay the socket file is the overlay's own inode, which no listener is bound to, so the guest gets
+``ECONNREFUSED``, and a fifo there is a fresh pipe, not the host's. And layers given as descriptors show as
+``lowerdir+=/`` in ``/proc/self/mountinfo``, where a bind shows its source's path on the host. What is lost:
+mounts below the source directory on the host are not part of the overlay (their mount points show empty), and
+inode numbers differ from the host's. Where the kernel refuses the overlay (no ``lowerdir+`` by descriptor
+before Linux 6.8, a source filesystem overlayfs cannot stack on), the clone is attached as a plain read-only
+bind and the result says it is not sealed.
+
 Nothing is mounted on the host at any point: the copies live in namespaces that disappear with the helper and
 with the sandbox. The mount lands in a namespace owned by the sandbox's outer user namespace, while the guest
 runs in a nested one, so even a guest process holding every capability of its own user namespace cannot
@@ -33,13 +45,14 @@ import ctypes
 import errno
 import fcntl
 import functools
-import json
+import marshal
 import os
 import stat
-import subprocess
 import sys
-from dataclasses import dataclass
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: importing typing (and re with it) is most of the helper's start-up
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "AT_EMPTY_PATH",
@@ -55,6 +68,8 @@ __all__ = [
     "RESOLVE_NO_SYMLINKS",
     "AttachFailed",
     "AttachResult",
+    "MountRequest",
+    "attach_all_into_namespace",
     "attach_into_namespace",
     "mount_setattr",
     "move_mount",
@@ -62,7 +77,9 @@ __all__ = [
     "ns_owner",
     "open_tree",
     "openat2",
+    "run_attach_all_helper",
     "run_attach_helper",
+    "sealed_overlay",
     "setns",
     "unshare",
 ]
@@ -70,8 +87,18 @@ __all__ = [
 # System call numbers of the calls added after 5.0: one table for every architecture but alpha.
 _NR_OPEN_TREE = 428
 _NR_MOVE_MOUNT = 429
+_NR_FSOPEN = 430
+_NR_FSCONFIG = 431
+_NR_FSMOUNT = 432
 _NR_OPENAT2 = 437
 _NR_MOUNT_SETATTR = 442
+
+FSOPEN_CLOEXEC = 1
+FSMOUNT_CLOEXEC = 1
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_SET_FD = 5
+FSCONFIG_CMD_CREATE = 6
 
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
@@ -149,6 +176,54 @@ def mount_setattr(
     )
 
 
+def fsopen(fstype: str) -> int:
+    """``fsopen(2)``: a filesystem context for a new superblock of ``fstype``."""
+    return _check(_libc.syscall(_NR_FSOPEN, fstype.encode(), ctypes.c_uint(FSOPEN_CLOEXEC)), "fsopen", fstype)
+
+
+def fsconfig(fs_fd: int, cmd: int, key: str | None = None, value: bytes | None = None, aux: int = 0) -> None:
+    """``fsconfig(2)``: set one parameter of a filesystem context, or (``FSCONFIG_CMD_CREATE``) create it."""
+    _check(
+        _libc.syscall(_NR_FSCONFIG, fs_fd, ctypes.c_uint(cmd), key.encode() if key is not None else None, value,
+                      ctypes.c_int(aux)),
+        "fsconfig",
+        key,
+    )
+
+
+def fsmount(fs_fd: int, attr_flags: int) -> int:
+    """``fsmount(2)``: a detached mount of a created filesystem context."""
+    return _check(_libc.syscall(_NR_FSMOUNT, fs_fd, ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(attr_flags)),
+                  "fsmount")
+
+
+def sealed_overlay(tree_fd: int) -> int:
+    """A detached read-only overlayfs showing the directory tree ``tree_fd`` (a detached clone) and nothing else.
+
+    See the module docstring for why a read-only mount is presented this way. The second lower layer (overlayfs
+    needs two without an upper one) is an empty tmpfs of a few pages.
+    """
+    empty_ctx = fsopen("tmpfs")
+    try:
+        fsconfig(empty_ctx, FSCONFIG_SET_STRING, "size", b"4k")
+        fsconfig(empty_ctx, FSCONFIG_CMD_CREATE)
+        empty = fsmount(empty_ctx, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
+    finally:
+        os.close(empty_ctx)
+    try:
+        ctx = fsopen("overlay")
+        try:
+            fsconfig(ctx, FSCONFIG_SET_FD, "lowerdir+", None, tree_fd)
+            fsconfig(ctx, FSCONFIG_SET_FD, "lowerdir+", None, empty)
+            fsconfig(ctx, FSCONFIG_SET_FLAG, "ro")
+            fsconfig(ctx, FSCONFIG_CMD_CREATE)
+            return fsmount(ctx, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
+        finally:
+            os.close(ctx)
+    finally:
+        os.close(empty)
+
+
 def openat2(dfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
     """``openat2(2)`` with ``RESOLVE_*`` restrictions on how ``path`` may be walked."""
     how = _OpenHow(flags, mode, resolve)
@@ -187,24 +262,31 @@ def new_mount_api_available() -> bool:
 # ------------------------------------------------------------------------------------------------- attach
 
 
-@dataclass(frozen=True)
 class AttachResult:
-    """What the helper reports after a successful attach."""
+    """What the helper reports after a successful attach (a plain class: the helper imports as little as it can,
+    since its start-up is part of every provision with a read-only directory)."""
 
-    target: str
-    created: tuple[str, ...]
-    """Guest paths of the mount points it had to create (outermost first)."""
+    __slots__ = ("created", "sealed", "target")
+
+    def __init__(self, target: str, created: tuple[str, ...], sealed: bool = False) -> None:
+        self.target = target
+        self.created = created  # guest paths of the mount points it had to create (outermost first)
+        self.sealed = sealed  # a read-only directory presented through sealed_overlay() (False: a plain bind)
+
+    def __repr__(self) -> str:
+        return f"AttachResult(target={self.target!r}, created={self.created!r}, sealed={self.sealed!r})"
 
 
 class AttachFailed(Exception):
     """The helper could not attach the mount; ``stage`` says where (``source``, ``namespace``, ``target``,
     ``mount``), ``errno`` why (``ELOOP``: a symlink was met)."""
 
-    def __init__(self, stage: str, err: int, message: str) -> None:
+    def __init__(self, stage: str, err: int, message: str, target: str | None = None) -> None:
         super().__init__(f"{stage}: {message}")
         self.stage = stage
         self.errno = err
         self.message = message
+        self.target = target  # the guest target of the mount that failed, when several were asked for
 
 
 _RESOLVE = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_BENEATH
@@ -284,48 +366,102 @@ def _open_target(target: str, directory: bool) -> tuple[int, list[str]]:
         raise
 
 
-def attach_into_namespace(userns_fd: int, mntns_fd: int, source: str, target: str, readonly: bool) -> AttachResult:
-    """Bind ``source`` (host path) at ``target`` (guest path) in the mount namespace ``mntns_fd``.
+class MountRequest:
+    """One mount for :func:`attach_all_into_namespace`: a host ``source`` at the guest ``target``."""
+
+    __slots__ = ("readonly", "source", "target")
+
+    def __init__(self, source: str, target: str, readonly: bool) -> None:
+        self.source = source
+        self.target = target
+        self.readonly = readonly
+
+
+def _detached(request: MountRequest) -> tuple[int, bool, bool]:
+    """(mount fd, is a directory, sealed) for ``request.source``, in the helper's own copy of the host's mounts."""
+    src = _open_source(request.source)
+    try:
+        mode = os.fstat(src).st_mode
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            raise OSError(errno.EINVAL, "the source is neither a directory nor a regular file", request.source)
+        directory = stat.S_ISDIR(mode)
+        tree = open_tree(src, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE)
+    finally:
+        os.close(src)
+    flags = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if request.readonly else 0)
+    try:
+        mount_setattr(tree, "", AT_EMPTY_PATH | AT_RECURSIVE, attr_set=flags, propagation=MS_PRIVATE)
+        if not (request.readonly and directory):
+            return tree, directory, False
+        try:
+            sealed = sealed_overlay(tree)
+        except OSError:
+            return tree, directory, False  # the plain read-only bind; the caller learns it is not sealed
+    except BaseException:
+        os.close(tree)
+        raise
+    os.close(tree)
+    return sealed, directory, True
+
+
+def attach_all_into_namespace(userns_fd: int, mntns_fd: int, requests: list[MountRequest]) -> list[AttachResult]:
+    """Attach each request (host ``source`` at guest ``target``) in the mount namespace ``mntns_fd``, in order.
 
     Changes the namespaces of the calling process for good: call it only in a helper process (see the module
-    docstring for the steps and why they are safe).
+    docstring for the steps and why they are safe). On failure, mounts attached before the failing one stay.
     """
     stage = "namespace"
+    current = requests[0].target if requests else "/"
     try:
         setns(userns_fd, CLONE_NEWUSER)
         unshare(CLONE_NEWNS)
-        stage = "source"
-        src = _open_source(source)
-        mode = os.fstat(src).st_mode
-        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-            raise OSError(errno.EINVAL, "the source is neither a directory nor a regular file", source)
-        directory = stat.S_ISDIR(mode)
-        stage = "mount"
-        tree = open_tree(src, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE)
-        os.close(src)
-        flags = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if readonly else 0)
-        mount_setattr(tree, "", AT_EMPTY_PATH | AT_RECURSIVE, attr_set=flags, propagation=MS_PRIVATE)
+        prepared: list[tuple[int, bool, bool]] = []
+        for request in requests:
+            current = request.target
+            stage = "source"
+            prepared.append(_detached(request))
         stage = "namespace"
         setns(mntns_fd, CLONE_NEWNS)
-        stage = "target"
-        dest, created = _open_target(target, directory)
-        stage = "mount"
-        move_mount(tree, "", dest, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)
+        results: list[AttachResult] = []
+        for request, (tree, directory, sealed) in zip(requests, prepared, strict=True):
+            current = request.target
+            stage = "target"
+            dest, created = _open_target(request.target, directory)
+            stage = "mount"
+            move_mount(tree, "", dest, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)
+            os.close(dest)
+            results.append(AttachResult(target=request.target, created=tuple(created), sealed=sealed))
     except OSError as exc:
-        raise AttachFailed(stage, exc.errno or 0, f"{exc.strerror or exc} ({exc.filename or target})") from exc
-    return AttachResult(target=target, created=tuple(created))
+        raise AttachFailed(stage, exc.errno or 0, f"{exc.strerror or exc} ({exc.filename or current})",
+                           target=current) from exc
+    return results
+
+
+def attach_into_namespace(userns_fd: int, mntns_fd: int, source: str, target: str, readonly: bool) -> AttachResult:
+    """Bind ``source`` (host path) at ``target`` (guest path) in the mount namespace ``mntns_fd`` (see above)."""
+    return attach_all_into_namespace(userns_fd, mntns_fd, [MountRequest(source, target, readonly)])[0]
 
 
 def run_attach_helper(
     userns_fd: int, mntns_fd: int, source: str, target: str, readonly: bool, timeout: float = 30.0
 ) -> AttachResult:
     """Run :func:`attach_into_namespace` in a fresh single-threaded interpreter; raises :class:`AttachFailed`."""
-    request = json.dumps({"source": source, "target": target, "readonly": readonly,
-                          "userns_fd": userns_fd, "mntns_fd": mntns_fd})
+    return run_attach_all_helper(userns_fd, mntns_fd, [MountRequest(source, target, readonly)], timeout)[0]
+
+
+def run_attach_all_helper(
+    userns_fd: int, mntns_fd: int, requests: list[MountRequest], timeout: float = 30.0
+) -> list[AttachResult]:
+    """Run :func:`attach_all_into_namespace` in a fresh single-threaded interpreter; raises :class:`AttachFailed`."""
+    import subprocess  # here, not at the top: the helper itself must start fast
+
+    request = marshal.dumps({"mounts": [{"source": r.source, "target": r.target, "readonly": r.readonly}
+                                        for r in requests],
+                             "userns_fd": userns_fd, "mntns_fd": mntns_fd})
     try:
         proc = subprocess.run(  # our own interpreter running this very file
             [sys.executable, "-I", "-S", os.path.abspath(__file__)],
-            input=request.encode(),
+            input=request,
             capture_output=True,
             pass_fds=(userns_fd, mntns_fd),
             close_fds=True,
@@ -337,24 +473,27 @@ def run_attach_helper(
         raise AttachFailed("helper", errno.ETIMEDOUT, f"the mount helper did not finish within {timeout:g} s"
                            ) from None
     try:
-        reply: dict[str, Any] = json.loads(proc.stdout)
-    except ValueError:
+        reply: dict[str, Any] = marshal.loads(proc.stdout)  # noqa: S302 - our own child's reply
+    except (ValueError, EOFError, TypeError):
         detail = proc.stderr.decode(errors="replace").strip()[-500:] or f"exit status {proc.returncode}"
         raise AttachFailed("helper", errno.EIO, f"the mount helper failed: {detail}") from None
     if "error" in reply:
-        raise AttachFailed(reply["stage"], int(reply["errno"]), reply["error"])
-    return AttachResult(target=reply["target"], created=tuple(reply["created"]))
+        raise AttachFailed(reply["stage"], int(reply["errno"]), reply["error"], target=reply.get("target"))
+    return [AttachResult(target=r["target"], created=tuple(r["created"]), sealed=bool(r["sealed"]))
+            for r in reply["results"]]
 
 
 def _main() -> int:
-    request = json.loads(sys.stdin.read())
+    request = marshal.loads(sys.stdin.buffer.read())  # noqa: S302 - from our own parent
+    mounts = [MountRequest(m["source"], m["target"], bool(m["readonly"])) for m in request["mounts"]]
     try:
-        result = attach_into_namespace(request["userns_fd"], request["mntns_fd"], request["source"],
-                                       request["target"], bool(request["readonly"]))
+        results = attach_all_into_namespace(request["userns_fd"], request["mntns_fd"], mounts)
     except AttachFailed as exc:
-        print(json.dumps({"stage": exc.stage, "errno": exc.errno, "error": exc.message}))
+        sys.stdout.buffer.write(marshal.dumps({"stage": exc.stage, "errno": exc.errno, "error": exc.message,
+                                               "target": exc.target}))
         return 1
-    print(json.dumps({"target": result.target, "created": list(result.created)}))
+    sys.stdout.buffer.write(marshal.dumps({"results": [
+        {"target": r.target, "created": list(r.created), "sealed": r.sealed} for r in results]}))
     return 0
 
 

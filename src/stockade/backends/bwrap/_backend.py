@@ -66,7 +66,7 @@ from ...models import (
 )
 from ._client import AgentGone, request_frames, short_unix_path
 from ._launch import GUEST_HOME, GUEST_PATH, GuestMount, LaunchPlan, bwrap_argv, find_guest_python
-from ._mounts import attach_live, live_mounts_reason
+from ._mounts import attach_at_start, attach_live, live_mounts_reason, sealable
 from ._network import GatewayHandle, find_tool, gateway_policy_json, proxy_env, start_gateway
 from ._pool import POOL_PREFIX, WarmPool, owner_alive, poolable
 from ._store import SessionStore, default_state_root, process_start_time, record_lock
@@ -365,11 +365,16 @@ class BwrapBackend(SandboxBackend):
             seccomp_fd = seccomp.bpf_fd(seccomp.default_profile("inet"))
             fds.append(seccomp_fd)
             python, python_binds = find_guest_python()
+            # Read-only directories of the spec (and every mount after the first, so that the order of stacking
+            # stays the spec's) are placed by the mount helper once the sandbox runs: sealed, see _mounts.py.
+            first_sealed = next((i for i, m in enumerate(guest_mounts) if i >= 2 and sealable(m)), None)
+            bwrap_mounts = guest_mounts if first_sealed is None else guest_mounts[:first_sealed]
+            helper_mounts = [] if first_sealed is None else guest_mounts[first_sealed:]
             plan = LaunchPlan(
                 state_dir=sdir,
                 python=python,
                 python_binds=python_binds,
-                mounts=tuple(guest_mounts),
+                mounts=tuple(bwrap_mounts),
                 tmp_bytes=(limits.tmp_mb or self.default_tmp_mb) << 20,
                 hostname="stockade",
                 listen_fd=fds[0],
@@ -399,6 +404,7 @@ class BwrapBackend(SandboxBackend):
                 os.close(fd)
             fds = [ready_r, info_r]
             init_pid = self._wait_ready(proc, ready_r, info_r, sdir)
+            unsealed = attach_at_start(session_id, init_pid, helper_mounts) if helper_mounts else []
             if spec.from_snapshot:
                 self._fill_tmp(sdir, init_pid)
             if not spec.network_policy.denies_all and not self._host_net(spec):
@@ -418,6 +424,7 @@ class BwrapBackend(SandboxBackend):
                     for m in guest_mounts
                 ],
                 "owned_mounts": owned,
+                "unsealed_mounts": unsealed,
                 "uid": os.geteuid(),
                 "network_policy": spec.network_policy.to_json(),
                 "host_network": self._host_net(spec),
@@ -566,6 +573,9 @@ class BwrapBackend(SandboxBackend):
             "init_pid": str(record["init_pid"]),
             "created": f"{record['created']:.3f}",
         }
+        if record.get("unsealed_mounts"):
+            # Read-only directories the kernel would not seal: plain binds, through which host sockets answer.
+            metadata["unsealed_mounts"] = ",".join(record["unsealed_mounts"])
         if record.get("host_network"):
             metadata["network"] = "host"
         elif record.get("gateway"):

@@ -14,6 +14,11 @@ file and is not, and does not pass through, a symlink):
   the attach instead of redirecting it;
 - an empty ``source`` makes a fresh session-owned directory (captured by snapshots, like one in the spec).
 
+The same helper places a session's read-only directory mounts at provision (:func:`attach_at_start`):
+bubblewrap's ``--ro-bind`` is a plain bind, through which a host daemon's unix socket in the directory answers
+the guest and ``/proc/self/mountinfo`` shows the source's host path; the helper presents such a directory as a
+sealed overlay instead (see :mod:`stockade.linux.mounts`). A read-only directory attached live is sealed too.
+
 Nothing is mounted on the host: when the sandbox's mount namespace goes away (``terminate``, or the sandbox
 dying), its live mounts go with it.
 """
@@ -30,9 +35,10 @@ from typing import Any
 from ...errors import InvalidRequest, LifecycleError, SessionNotFound, Unsupported
 from ...linux import mounts as kernel
 from ...models import FilesystemAccess, FilesystemMount
+from ._launch import GuestMount
 from ._store import SessionStore, process_start_time, record_lock
 
-__all__ = ["SYSTEM_PATHS", "attach_live", "check_target", "live_mounts_reason"]
+__all__ = ["SYSTEM_PATHS", "attach_at_start", "attach_live", "check_target", "live_mounts_reason", "sealable"]
 
 SYSTEM_PATHS = (
     "/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
@@ -91,6 +97,32 @@ def _namespace_fds(record: dict[str, Any]) -> tuple[int, int]:
     return owner, mnt
 
 
+def sealable(mount: GuestMount) -> bool:
+    """Whether provision places ``mount`` through the helper, sealed, rather than through bubblewrap."""
+    return mount.access is FilesystemAccess.READ_ONLY and os.path.isdir(mount.host_path)
+
+
+def attach_at_start(session_id: str, init_pid: int, mounts: list[GuestMount]) -> list[str]:
+    """Attach ``mounts`` (in order) in the freshly started sandbox of ``init_pid``; the targets left unsealed.
+
+    Raises what :func:`attach_live` raises for the same failures; the caller tears the half-built session down.
+    """
+    record = {"id": session_id, "init_pid": init_pid, "init_start": process_start_time(init_pid)}
+    requests = [kernel.MountRequest(m.host_path, m.target, m.access is FilesystemAccess.READ_ONLY) for m in mounts]
+    owner, mnt = _namespace_fds(record)
+    try:
+        results = kernel.run_attach_all_helper(owner, mnt, requests)
+    except kernel.AttachFailed as exc:
+        failed = next((m for m in mounts if m.target == exc.target), mounts[0])
+        raise _fail(exc, FilesystemMount(source=failed.host_path, target=failed.target, access=failed.access),
+                    failed.host_path) from exc
+    finally:
+        os.close(owner)
+        os.close(mnt)
+    return [r.target for r, m in zip(results, mounts, strict=True)
+            if m.access is FilesystemAccess.READ_ONLY and os.path.isdir(m.host_path) and not r.sealed]
+
+
 def _fail(exc: kernel.AttachFailed, mount: FilesystemMount, source: str) -> Exception:
     if exc.stage == "source":
         if exc.errno == errno.ELOOP:
@@ -130,7 +162,7 @@ def attach_live(store: SessionStore, session_id: str, mount: FilesystemMount) ->
         try:
             owner, mnt = _namespace_fds(record)
             try:
-                kernel.run_attach_helper(owner, mnt, source, mount.target, readonly)
+                result = kernel.run_attach_helper(owner, mnt, source, mount.target, readonly)
             except kernel.AttachFailed as exc:
                 raise _fail(exc, mount, source) from exc
             finally:
@@ -143,6 +175,8 @@ def attach_live(store: SessionStore, session_id: str, mount: FilesystemMount) ->
             raise
         record["mounts"].append({"target": mount.target, "access": mount.access.value, "host_path": source})
         record.setdefault("live_mounts", []).append(mount.target)
+        if readonly and os.path.isdir(source) and not result.sealed:
+            record.setdefault("unsealed_mounts", []).append(mount.target)
         if owned_dir is not None:
             record.setdefault("owned_mounts", []).append(mount.target)
         # The recorded spec is what a snapshot's manifest carries: with the live mount in it, a fork from that
