@@ -512,3 +512,23 @@ def test_guest_cannot_create_setid_files_on_the_host(backend: BwrapBackend) -> N
     assert (host / "plain").stat().st_mode & 0o7777 == 0o755  # the admitted sibling
     assert (host / "suid").stat().st_mode & 0o6000 == 0
     assert not (host / "made").exists()
+
+
+def test_claim_counts_the_terminate_from_the_claim_not_from_provision(tmp_path: Path) -> None:
+    """gc finishes terminates that died more than a minute ago; one claimed just now, of a session provisioned
+    an hour ago, is still running and must be left alone (a rename keeps the old mtime)."""
+    from stockade.backends.bwrap._store import SessionStore
+
+    store = SessionStore(tmp_path / "state")
+    for sid in ("old", "fresh"):
+        store.create_session_dir(sid)
+        store.write(sid, {"id": sid})
+        hour_ago = time.time() - 3600
+        os.utime(store.session_dir(sid) / "state.json", (hour_ago, hour_ago))
+    assert store.claim("fresh") == {"id": "fresh"}
+    assert store.claim("fresh") is None  # the loser of a race gets nothing
+    assert store.terminating_ids(older_than=60.0) == []
+    assert store.terminating_ids() == ["fresh"]
+    claimed = store.session_dir("fresh") / "state.terminating"
+    os.utime(claimed, (time.time() - 120, time.time() - 120))  # a claim that died two minutes ago
+    assert store.terminating_ids(older_than=60.0) == ["fresh"]

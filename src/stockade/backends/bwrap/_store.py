@@ -108,6 +108,10 @@ class SessionStore:
                 os.rename(sdir / "state.json", claimed)
             except FileNotFoundError:
                 return None
+            # A rename keeps the provision-time mtime; terminating_ids() counts from the claim, so that gc
+            # never finishes a terminate that is still running in another process.
+            with contextlib.suppress(OSError):
+                os.utime(claimed)
         try:
             data: dict[str, Any] = json.loads(claimed.read_text())
         except (OSError, ValueError):
