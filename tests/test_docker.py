@@ -3,9 +3,14 @@ limits reported, snapshots, and nothing left behind."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
 import secrets
+import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,6 +112,32 @@ def test_host_canaries_withheld(backend: DockerBackend, monkeypatch: pytest.Monk
         for entry in canary_dir.iterdir():
             entry.unlink()
         canary_dir.rmdir()
+
+
+def test_supervisor_out_of_reach_command_in_reach(backend: DockerBackend) -> None:
+    # The container's init (another uid) and the exec's own wrapper (execute-only, so the kernel makes it
+    # non-dumpable) keep their /proc entries to themselves; the command itself stays an ordinary process.
+    sid = provision(backend)
+    probe = (
+        "import os\n"
+        "for name, pid in (('init', 1), ('wrapper', os.getppid()), ('self', os.getpid())):\n"
+        "    for what in ('environ', 'mem', 'fd'):\n"
+        "        try:\n"
+        "            os.listdir(f'/proc/{pid}/fd') if what == 'fd' else open(f'/proc/{pid}/{what}', 'rb').close()\n"
+        "            print(name, what, 'open')\n"
+        "        except OSError as e:\n"
+        "            print(name, what, e.strerror)\n"
+    )
+    out = py(backend, sid, probe).stdout.splitlines()
+    assert out == [f"{name} {what} {'open' if name == 'self' else 'Permission denied'}"
+                   for name in ("init", "wrapper", "self") for what in ("environ", "mem", "fd")]
+    # The canary: a secret in the request's environment, which the wrapper holds too, is not readable there.
+    secret = secrets.token_hex(12)
+    cat = sh(backend, sid, "cat /proc/$PPID/environ /proc/1/environ 2>&1; echo; ps -o user,args",
+             env={"STOCKADE_TEST_SECRET": secret})
+    assert secret not in cat.stdout
+    # The keep-alive runs as INIT_UID, not as the guest.
+    assert ["1001", "sleep", "2147483647"] in [line.split() for line in cat.stdout.splitlines()], cat.stdout
 
 
 def test_seccomp_profile_refuses_what_caps_allow(backend: DockerBackend) -> None:
@@ -243,6 +274,49 @@ def test_terminate_and_gc(backend: DockerBackend) -> None:
     assert backend.gc() == [orphan]
     assert backend.engine.list_labelled(f"stockade.session={orphan}") == []
     assert container not in json.dumps(backend.engine.list_labelled("stockade.session"))
+
+
+def test_gc_finishes_a_terminate_that_died_half_way(backend: DockerBackend) -> None:
+    sid, fresh = provision(backend), provision(backend)
+    for claimed in (sid, fresh):
+        assert backend.store.claim(claimed) is not None  # what terminate does first; then its caller "died"
+    stale = backend.store.session_dir(sid) / "record.terminating"
+    os.utime(stale, (time.time() - 120, time.time() - 120))
+    assert backend.gc() == [sid]
+    assert backend.engine.list_labelled(f"stockade.session={sid}") == []
+    assert not backend.store.session_dir(sid).exists()
+    # Admitted sibling: a terminate claimed just now is left to the caller doing it, container and all.
+    assert len(backend.engine.list_labelled(f"stockade.session={fresh}")) == 1
+    with pytest.raises(SessionNotFound):
+        anyio.run(backend.terminate, fresh)
+    record = backend.store.claim(fresh, again=True)
+    assert record is not None
+    backend._terminate_blocking(record)
+
+
+def test_snapshot_restore_keeps_symlinks_and_refuses_escaping_members(backend: DockerBackend) -> None:
+    sid = provision(backend)
+    sh(backend, sid, "echo data > /mnt/session/outputs/f; ln -s /etc/passwd /mnt/session/outputs/abs; "
+                     "ln -s ../../../../../../etc /mnt/session/outputs/up")
+    snap = anyio.run(backend.snapshot, sid)
+    anyio.run(backend.terminate, sid)
+    # Admitted: symlinks come back as they were, pointing at guest paths, and were never followed on the host.
+    clone = provision(backend, from_snapshot=snap.snapshot_id)
+    out = sh(backend, clone, "cd /mnt/session/outputs; cat f; readlink abs; readlink up")
+    assert out.stdout.split() == ["data", "/etc/passwd", "../../../../../../etc"]
+    # Refused: an archive whose member would land outside the session directory is a LifecycleError.
+    snap_dir = Path(snap.metadata["path"])
+    victim = f"escape-{secrets.token_hex(6)}"
+    with tarfile.open(snap_dir / "files.tar.gz", "w:gz") as tar:
+        info = tarfile.TarInfo(f"../../{victim}")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil"))
+    manifest = json.loads((snap_dir / "manifest.json").read_text())
+    manifest["sha256"] = hashlib.sha256((snap_dir / "files.tar.gz").read_bytes()).hexdigest()
+    (snap_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LifecycleError, match="cannot be restored"):
+        provision(backend, from_snapshot=snap.snapshot_id)
+    assert not (backend.store.root / victim).exists() and not (backend.store.sessions / victim).exists()
 
 
 def test_bad_input_is_typed(backend: DockerBackend) -> None:

@@ -64,6 +64,7 @@ from ...models import (
     SandboxState,
     validate_session_id,
 )
+from .._archive import restore_filter as _restore_filter
 from ._client import AgentGone, request_frames, short_unix_path
 from ._launch import GUEST_HOME, GUEST_PATH, GuestMount, LaunchPlan, bwrap_argv, find_guest_python
 from ._mounts import attach_at_start, attach_live, live_mounts_reason, sealable
@@ -1029,20 +1030,6 @@ def _extract_archive(archive: Path, staging: Path) -> None:
         tarfile.open(fileobj=stream, mode="r|") as tar,
     ):
         tar.extractall(staging, filter=_restore_filter)  # noqa: S202 - filtered: see _restore_filter
-
-
-def _restore_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """tarfile's ``data`` filter, except that a symlink may point anywhere.
-
-    A symlink's target is a guest path (``/tmp/x``, ``../../etc``, as the guest sees it): it is recreated as
-    it was and never followed on the host (the files are moved into place, and ``/tmp`` is copied with
-    ``symlinks=True``). Member names and hard links still may not leave the destination, and nothing is
-    written through a link (the filter resolves each member's path on the host first).
-    """
-    if member.issym():
-        checked = tarfile.data_filter(member.replace(linkname=".", deep=False), dest)
-        return checked.replace(linkname=member.linkname, deep=False)
-    return tarfile.data_filter(member, dest)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

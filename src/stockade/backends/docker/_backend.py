@@ -5,7 +5,8 @@ Where it differs from the contract's documentation (``stockade.backend``):
 - The guest sees an **image**'s root (``spec.image``, default :data:`DEFAULT_IMAGE`, built locally with
   ``stockade image build``; nothing is ever pulled), read-only, with a private tmpfs ``/tmp``, as uid 1000
   with no capabilities, ``no-new-privileges`` and stockade's seccomp filter. The image needs ``/bin/sh`` and
-  ``sleep`` (and ``tar`` for file snapshots).
+  ``sleep`` (and ``tar`` for file snapshots). The container's own processes (its init and ``sleep``) run as
+  another uid, :data:`INIT_UID`, so a command can neither signal them nor read their ``/proc`` entries.
 - Network: deny-all only (``NetworkMode: none``, loopback only). ``limited`` and ``unrestricted`` raise
   ``Unsupported``: the egress gateway's unix-socket bridge is not wired into containers yet (it would be
   bind-mounted like the canonical mounts, with a forwarder on the container's loopback).
@@ -61,6 +62,7 @@ from ...models import (
     SandboxState,
     validate_session_id,
 )
+from .._archive import restore_filter
 from ._engine import Engine, EngineNotFound, ExecOutcome, default_base_url
 from ._host import check_source, chown_tree, oom_kills
 from ._kill import GUEST_KILLER, host_kill_tree
@@ -71,6 +73,15 @@ __all__ = ["DEFAULT_IMAGE", "DockerBackend", "probe"]
 
 DEFAULT_IMAGE = "stockade/base:latest"
 GUEST_UID = 1000
+INIT_UID = 1001
+"""The uid of the container's init and keep-alive: not the guest's, so ``kill -9 -1`` and ``/proc/1`` are out of
+its reach (no capabilities, so uid alone decides)."""
+EXEC_INIT = "/sbin/stockade-init"
+"""Where the execute-only copy of the engine's init that wraps each exec (runc) is bound."""
+_EXEC_INIT_BINARIES = {"docker": ("docker-init", "/usr/libexec/docker/docker-init", "/usr/bin/docker-init")}
+"""The engine's init on the host (a name in PATH, or paths), by engine. Engines not named here (Podman, whose
+catatonit takes other arguments) wrap execs in :attr:`DockerBackend.init_path` as the engine mounts it, which
+the command can read."""
 GUEST_HOME = "/tmp"
 GUEST_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 DEFAULT_OUTPUT_LIMIT = 16 << 20
@@ -145,6 +156,7 @@ class DockerBackend(SandboxBackend):
         self.default_tmp_mb = default_tmp_mb
         self.output_limit_bytes = output_limit_bytes
         self._runtime_checked = False
+        self._exec_init: Path | None = None
 
     async def aclose(self) -> None:
         self.engine.close()
@@ -217,7 +229,8 @@ class DockerBackend(SandboxBackend):
             mounts, owned = self._prepare_dirs(spec, sdir)
             if manifest is not None:
                 self._restore_dirs(manifest, sdir, mounts, owned)
-            config = self._container_config(spec, session_id, mounts)
+            exec_init = self._exec_init_copy()
+            config = self._container_config(spec, session_id, mounts, exec_init)
             container_id = self.engine.create(f"stockade-{session_id}", config)
             if manifest is not None and manifest["keeps"] == "processes":
                 self._start_from_checkpoint(container_id, Path(manifest["path"]) / "checkpoint")
@@ -240,6 +253,7 @@ class DockerBackend(SandboxBackend):
                 ],
                 "owned_mounts": owned,
                 "from_snapshot": spec.from_snapshot,
+                "exec_init": EXEC_INIT if exec_init is not None else None,
             }
             if manifest is not None and manifest["keeps"] == "files":
                 self._restore_tmp(record, Path(manifest["path"]) / "tmp.tar")
@@ -274,8 +288,47 @@ class DockerBackend(SandboxBackend):
             chown_tree(path, GUEST_UID, GUEST_UID)
         return mounts, owned
 
-    def _container_config(self, spec: SandboxSpec, session_id: str, mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    def _exec_init_copy(self) -> Path | None:
+        """The host's copy of the engine's init that wraps each exec, mode 0111 (runc only; gVisor execs run
+        unwrapped).
+
+        A process that execs a file it cannot read is made non-dumpable by the kernel: its ``/proc`` entries
+        (mem, environ, fd) belong to root and it cannot be traced, even by its own uid. So the wrapper stays out
+        of reach of the command it runs, whose own binary is readable and so dumpable again.
+        """
+        candidates = _EXEC_INIT_BINARIES.get(self.engine_name, ())
+        if self.runtime == "runsc" or not candidates:
+            return None
+        if self._exec_init is not None:
+            return self._exec_init
+        source = next((found for name in candidates if (found := shutil.which(name)) is not None), None)
+        if source is None:
+            raise BackendUnavailable(
+                self.name,
+                f"cannot find the engine's init on this host (looked for {', '.join(candidates)}); it wraps "
+                "every exec (Debian's docker.io ships it as docker-init)",
+            )
+        dest = self.store.root / "exec-init"
+        data = Path(source).read_bytes()
+        try:
+            current = dest.read_bytes() if (dest.stat().st_mode & 0o777) == 0o111 else None
+        except OSError:
+            current = None
+        if current != data:
+            tmp = dest.with_name(f".exec-init.{os.getpid()}.{secrets.token_hex(4)}")
+            tmp.write_bytes(data)
+            tmp.chmod(0o111)
+            os.replace(tmp, dest)
+        self._exec_init = dest
+        return dest
+
+    def _container_config(
+        self, spec: SandboxSpec, session_id: str, mounts: list[dict[str, Any]], exec_init: Path | None = None
+    ) -> dict[str, Any]:
         limits = spec.limits
+        tmp_mb = limits.tmp_mb or self.default_tmp_mb
+        if exec_init is not None:
+            mounts = [*mounts, _bind(str(exec_init), EXEC_INIT, read_only=True)]
         host: dict[str, Any] = {
             "Init": True,
             "Runtime": self.runtime,
@@ -284,9 +337,9 @@ class DockerBackend(SandboxBackend):
             "CapDrop": ["ALL"],
             "SecurityOpt": ["no-new-privileges", self._seccomp_option()],
             "Mounts": mounts,
-            "Tmpfs": {"/tmp": f"rw,nosuid,nodev,size={limits.tmp_mb or self.default_tmp_mb}m,mode=1777"},
+            "Tmpfs": {"/tmp": f"rw,nosuid,nodev,size={tmp_mb}m,mode=1777"},
             "IpcMode": "private",
-            "ShmSize": 64 << 20,
+            "ShmSize": tmp_mb << 20,  # /dev/shm is guest-writable memory too: bounded like /tmp
             "RestartPolicy": {"Name": "no"},
         }
         if limits.memory_mb is not None:
@@ -300,7 +353,7 @@ class DockerBackend(SandboxBackend):
             "Image": spec.image or self.default_image,
             "Entrypoint": [KEEPALIVE[0]],
             "Cmd": KEEPALIVE[1:],
-            "User": f"{GUEST_UID}:{GUEST_UID}",
+            "User": f"{INIT_UID}:{INIT_UID}",
             "WorkingDir": GUEST_HOME,
             "Hostname": "stockade",
             "Env": [f"{k}={v}" for k, v in self._base_env().items()],
@@ -469,7 +522,7 @@ class DockerBackend(SandboxBackend):
     def _wrap(self, argv: list[str], record: dict[str, Any]) -> list[str]:
         if record["runtime"] == "runsc":
             return argv  # no PR_SET_CHILD_SUBREAPER in Debian's runsc: the tree is found by environment
-        return [self.init_path, *self.init_args, "--", *argv]
+        return [record.get("exec_init") or self.init_path, *self.init_args, "--", *argv]
 
     def _run(
         self,
@@ -678,8 +731,11 @@ class DockerBackend(SandboxBackend):
         self, manifest: dict[str, Any], sdir: Path, mounts: list[dict[str, Any]], owned: list[str]
     ) -> None:
         staging = sdir / "restore"
-        with tarfile.open(Path(manifest["path"]) / "files.tar.gz", "r:gz") as tar:
-            tar.extractall(staging, filter="data")
+        try:
+            with tarfile.open(Path(manifest["path"]) / "files.tar.gz", "r:gz") as tar:
+                tar.extractall(staging, filter=restore_filter)  # noqa: S202 - filtered: see restore_filter
+        except (tarfile.TarError, OSError) as exc:
+            raise LifecycleError(f"snapshot {manifest['snapshot_id']!r} cannot be restored: {exc}") from exc
         for name in ("outputs", "memory"):
             if (staging / name).is_dir():
                 shutil.rmtree(sdir / name)
@@ -745,7 +801,12 @@ class DockerBackend(SandboxBackend):
     # ------------------------------------------------------------------------------------------- terminate
 
     async def terminate(self, session_id: str) -> None:
-        record = self._record(session_id)
+        validate_session_id(session_id)
+        # Claimed atomically: of two concurrent terminates, one does the work and the other is told the
+        # session is gone (the engine would refuse the second removal with a confusing error).
+        record = await anyio.to_thread.run_sync(self.store.claim, session_id)
+        if record is None:
+            raise SessionNotFound(session_id)
         await anyio.to_thread.run_sync(self._terminate_blocking, record)
 
     def _terminate_blocking(self, record: dict[str, Any]) -> None:
@@ -756,9 +817,15 @@ class DockerBackend(SandboxBackend):
         """Remove what crashed callers left: containers labelled with this state directory but without a
         session record, and records whose container is gone. Returns the session ids reaped."""
         reaped: list[str] = []
+        for session_id in self.store.terminating_ids(older_than=60.0):
+            # A terminate that died half-way a while ago (its caller was killed): finish it.
+            record = self.store.claim(session_id, again=True)
+            if record is not None:
+                self._terminate_blocking(record)
+                reaped.append(session_id)
         for container in self.engine.list_labelled(f"{LABEL_STATE}={self.store.root}"):
             session_id = (container.get("Labels") or {}).get(LABEL_SESSION, "")
-            if self.store.read(session_id) is None:
+            if self.store.read(session_id) is None and not self.store.session_terminating(session_id):
                 self.engine.remove(container["Id"])
                 reaped.append(session_id)
         for session_id in self.store.ids():

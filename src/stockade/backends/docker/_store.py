@@ -3,10 +3,12 @@
 Layout under the state root (0700)::
 
     sessions/<id>/record.json     the session record (written atomically)
+    sessions/<id>/record.terminating  the record once a terminate has claimed the session
     sessions/<id>/outputs/        bound at /mnt/session/outputs
     sessions/<id>/memory/         bound at /mnt/memory
     sessions/<id>/mounts/<n>/     mounts with an empty source (session-owned)
     snapshots/<snapshot id>/      manifest.json, files.tar.gz, checkpoint/ (outlive the session)
+    exec-init                     the engine's init, execute-only, that wraps each exec (runc)
 
 The container itself carries the labels ``stockade.session`` and ``stockade.state``, so containers left behind
 by a crashed process are found by label (:meth:`DockerBackend.gc`).
@@ -14,10 +16,12 @@ by a crashed process are found by label (:meth:`DockerBackend.gc`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +68,41 @@ class Store:
         with os.fdopen(fd, "w") as f:
             json.dump(record, f)
         os.replace(tmp, directory / "record.json")
+
+    def claim(self, session_id: str, *, again: bool = False) -> dict[str, Any] | None:
+        """Take the session for termination (atomically: a rename), returning its record; None when another
+        caller took it first or it does not exist. ``again`` re-takes one whose terminate never finished."""
+        sdir = self.session_dir(session_id)
+        claimed = sdir / "record.terminating"
+        if not again:
+            try:
+                os.rename(sdir / "record.json", claimed)
+            except FileNotFoundError:
+                return None
+            with contextlib.suppress(OSError):
+                os.utime(claimed)  # a rename keeps the mtime: terminating_ids counts from the claim
+        try:
+            data: dict[str, Any] = json.loads(claimed.read_text())
+        except (OSError, ValueError):
+            return None
+        return data
+
+    def session_terminating(self, session_id: str) -> bool:
+        return (self.session_dir(session_id) / "record.terminating").exists()
+
+    def terminating_ids(self, older_than: float = 0.0) -> list[str]:
+        """Sessions whose terminate began at least ``older_than`` seconds ago and never finished."""
+        now = time.time()
+        out = []
+        try:
+            entries = list(self.sessions.iterdir())
+        except OSError:
+            return []
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if now - (entry / "record.terminating").stat().st_mtime >= older_than:
+                    out.append(entry.name)
+        return sorted(out)
 
     def ids(self) -> list[str]:
         try:
