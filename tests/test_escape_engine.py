@@ -283,3 +283,53 @@ def test_host_root_gate_recognises_an_unconfined_probe() -> None:
     identity = Path("/proc/self/uid_map").read_text().split() == ["0", "0", "4294967295"]
     expected = identity and os.geteuid() == 0
     assert found == {"host_root": expected}
+
+
+class DeclaringBackend(FakeBackend):
+    """Runs on the host, but declares what it cannot isolate (process_isolation, private_loopback false)."""
+
+    def capabilities(self) -> SandboxCapabilities:
+        return ISOLATING.model_copy(update={"process_isolation": False, "private_loopback": False})
+
+
+@pytest.mark.parametrize("case_id", ["escape.proc.host_visible", "escape.leak.hostname"])
+def test_a_declared_gap_is_not_applicable_and_says_what_was_measured(case_id: str) -> None:
+    """The same leak is an escape for a backend claiming isolation (above) and not_applicable for one that
+    declares the gap; either way the detail carries the measurement."""
+    if case_id == "escape.leak.hostname" and os.uname().nodename in ("localhost", "stockade"):
+        pytest.skip("the host's own hostname is one the case cannot tell from a guest's")
+    declared = one(DeclaringBackend(on_host), case_id)
+    assert declared.verdict is Verdict.NOT_APPLICABLE, declared
+    assert "declares process_isolation=false" in declared.detail and "measured:" in declared.detail
+    claimed = one(FakeBackend(on_host), case_id)
+    assert claimed.verdict is Verdict.ESCAPED, claimed
+
+
+def test_a_declared_gap_does_not_excuse_a_signal_that_lands() -> None:
+    """Host processes visible is declared; a SIGSTOP/SIGKILL delivered to one is still an escape."""
+    KILL_ALL_SEEN.clear()
+    result = one(DeclaringBackend(on_host), "escape.proc.signal_host")
+    assert result.verdict is Verdict.ESCAPED and "can signal host process" in result.detail, result
+    assert KILL_ALL_SEEN == []
+
+
+def test_a_declared_missing_loopback_still_needs_working_unix_sockets() -> None:
+    async def no_ip(spec: SandboxSpec, request: ExecRequest) -> ExecResult:
+        # The host, with every IP socket refused the way a seccomp filter would.
+        blocker = ("import socket\n_orig = socket.socket.__init__\n"
+                   "def _init(self, family=-1, *a, **k):\n"
+                   "    if family in (socket.AF_INET, socket.AF_INET6):\n"
+                   "        raise PermissionError(1, 'Operation not permitted')\n"
+                   "    _orig(self, family, *a, **k)\n"
+                   "socket.socket.__init__ = _init\n")
+        argv = list(request.argv)
+        if "python" in os.path.basename(argv[0]) and "-c" in argv:
+            i = argv.index("-c")
+            argv[i + 1] = blocker + argv[i + 1]
+        return await on_host(spec, request.model_copy(update={"command": argv[0], "args": tuple(argv[1:])}))
+
+    declared = one(DeclaringBackend(no_ip), "escape.net.guest_local_admitted")
+    assert declared.verdict is Verdict.NOT_APPLICABLE, declared
+    assert "private_loopback=false" in declared.detail
+    claimed = one(FakeBackend(no_ip), "escape.net.guest_local_admitted")
+    assert claimed.verdict is Verdict.OVERREFUSED, claimed

@@ -577,6 +577,34 @@ def test_capabilities_are_honest(backend: LandlockBackend) -> None:
     meta = anyio.run(backend.get_session, sid).metadata
     assert meta["landlock_abi"] == str(ABI) and "per process" in meta["memory_limit_scope"]
     assert "chmod" in meta["not_enforced"]
+    # No private filesystem view: the conformance cases look for mounts at their host paths because of this.
+    assert caps.private_filesystem_view is False
+
+
+def _ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            break
+        chain.append(pid)
+    return chain
+
+
+def test_supervisor_pid_in_metadata(backend: LandlockBackend) -> None:
+    sid = provision(backend)
+    pid = int(anyio.run(backend.get_session, sid).metadata["supervisor_pid"])
+    assert alive(pid) and b"_supervisor.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    # It is the process the session's commands run under, not some other process of the backend.
+    started = sh(backend, sid, "sleep 300 >/dev/null 2>&1 & echo $!")
+    assert pid in _ancestors(int(started.stdout))
+    # Another backend instance on the same store (a restarted service) reports the same process.
+    again = LandlockBackend(backend.store.root)
+    listed = {s.id: s.metadata.get("supervisor_pid") for s in anyio.run(again.list_sessions)}
+    assert listed[sid] == str(pid)
+    anyio.run(backend.terminate, sid)
+    assert not alive(pid)
 
 
 def test_invalid_mount_sources_refused_without_leftovers(backend: LandlockBackend, host_dir: Path) -> None:

@@ -29,7 +29,7 @@ from stockade.backends.landlock import probe
 from stockade.backends.landlock._supervisor import descendants
 from stockade.conformance import select_cases
 from stockade.linux import landlock
-from test_conformance_landlock import OPTIONS, known_failures
+from test_conformance_landlock import KNOWN_FAILURES, OPTIONS
 
 REASON = probe()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"landlock backend unavailable: {REASON}")
@@ -108,10 +108,16 @@ def test_conformance_unprivileged_every_case_measured(user: unpriv.Unprivileged)
     assert report["host"]["euid"] == user.uid
     verdicts = {case["case"]: (case["verdict"], case["detail"]) for case in report["cases"]}
     assert sorted(verdicts) == sorted(select_cases(OPTIONS))
-    known = known_failures(per_session_uid=False)
+    known = KNOWN_FAILURES | {
+        # The suite's files belong to this user, whose uid the guest shares, and Landlock does not control
+        # chmod: the case's chmod on the read-only mount succeeds (pinned below and in docs/landlock.md).
+        "filesystem.ro_mount_not_writable": "chmod of the user's own file on a read-only mount",
+    }
     unexpected = {case: f"{v}: {d}" for case, (v, d) in verdicts.items()
                   if (v not in FAILING if case in known else v not in PASSING)}
     assert unexpected == {}, json.dumps(unexpected, indent=2)
+    # Only chmod: writes, creates, removals and renames on the read-only mount are still refused.
+    assert "succeeded ['chmod']" in verdicts["filesystem.ro_mount_not_writable"][1]
     assert report["sessions_left"] == 0
     caps = report["caps"]
     assert caps["filesystem_isolation"] and caps["network_deny_all"] and caps["memory_limit"]

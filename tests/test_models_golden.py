@@ -258,6 +258,8 @@ def test_capabilities_harn_flags_first_in_harn_order() -> None:
             "egress_log": False,
             "exec_streaming": False,
             "persistent_sessions": False,
+            "private_filesystem_view": True,
+            "private_loopback": True,
         },
     )
 
@@ -365,6 +367,7 @@ def test_harn_capabilities_parse_with_extension_defaults() -> None:
     assert caps.local_process_sandbox is True
     assert caps.filesystem_isolation is False
     assert caps.persistent_sessions is False
+    assert caps.private_filesystem_view is True  # the contract's meaning unless a backend says otherwise
 
 
 # --- duration inputs --------------------------------------------------------------------------------------

@@ -618,6 +618,9 @@ class SandboxCapabilities(_Model):
     suspend_on_idle: bool = False
     # stockade's extensions:
     filesystem_isolation: bool = False
+    # The guest has pid, ipc and uts namespaces of its own: host processes and the host's hostname are out of its
+    # sight. False (``landlock``) is declared, not hidden: the escape suite's cases about exactly that end
+    # ``not_applicable`` (anything beyond it, such as a signal reaching a host process, is still an escape).
     process_isolation: bool = False
     live_mounts: bool = False
     memory_snapshot: bool = False
@@ -630,3 +633,11 @@ class SandboxCapabilities(_Model):
     egress_log: bool = False
     exec_streaming: bool = False
     persistent_sessions: bool = False
+    # True (the contract's default, so peers that never send it keep the contract's meaning): the guest sees its
+    # mounts at their targets and has a /tmp of its own. False: the guest sees host paths; each mount is
+    # granted in place at ``ResolvedMount.host_path`` and only ``$TMPDIR`` is the session's (``landlock``).
+    private_filesystem_view: bool = True
+    # True (the contract's default): under deny-all the guest keeps a loopback of its own (TCP/UDP to 127.0.0.1
+    # inside the sandbox work). False: deny-all refuses IP sockets altogether, because without a network
+    # namespace the guest's loopback would be the host's (``landlock``).
+    private_loopback: bool = True

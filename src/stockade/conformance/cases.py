@@ -48,6 +48,9 @@ from .context import (
 __all__: list[str] = []
 
 CANARY_TARGET = "/mnt/canary"
+GUEST_TMP = '"${TMPDIR:-/tmp}"'
+"""The guest's own scratch directory, as a shell word: /tmp in a private filesystem view, the session's TMPDIR on
+a backend without one (whose /tmp is the host's)."""
 
 
 def _require_alive(alive: bool, what: str, result_text: str) -> None:
@@ -147,9 +150,9 @@ async def exec_after_terminate(ctx: CaseContext) -> Finding:
 
 @case("lifecycle.files_persist_between_execs")
 async def files_persist_between_execs(ctx: CaseContext) -> Finding:
-    """A file written to /tmp by one exec is read back by the next."""
+    """A file written to the guest's temp dir (``$TMPDIR``, else /tmp) by one exec is read back by the next."""
     content = token("persist-")
-    path = f"/tmp/stockade-persist-{secrets.token_hex(4)}"
+    path = f"{GUEST_TMP}/stockade-persist-{secrets.token_hex(4)}"
     async with ctx.session() as session:
         write = await ctx.sh(session.id, f"printf %s {content} > {path}")
         read = await ctx.sh(session.id, f"cat {path}")
@@ -351,9 +354,10 @@ async def mounted_read_admitted(ctx: CaseContext) -> Finding:
     directory, _file, content = _canary_dir(ctx, writable=False)
     mount = FilesystemMount(source=str(directory), target=CANARY_TARGET, access=FilesystemAccess.READ_ONLY)
     async with ctx.session(mounts=(mount,)) as session:
-        result = await ctx.sh(session.id, f"cat {CANARY_TARGET}/canary.txt")
+        where = ctx.mount_path(session, CANARY_TARGET)
+        result = await ctx.sh(session.id, f"cat '{where}/canary.txt'")
     if content in result.stdout:
-        return conforms(f"read-only mount at {CANARY_TARGET} is readable")
+        return conforms(f"read-only mount at {CANARY_TARGET} is readable (at {where} in the guest)")
     return overrefused(f"could not read the mounted canary: {show(result)}")
 
 
@@ -384,7 +388,8 @@ async def rw_mount_write_admitted(ctx: CaseContext) -> Finding:
     content = token("written-")
     mount = FilesystemMount(source=str(directory), target=CANARY_TARGET, access=FilesystemAccess.READ_WRITE)
     async with ctx.session(mounts=(mount,)) as session:
-        result = await ctx.sh(session.id, f"printf %s {content} > {CANARY_TARGET}/out.txt")
+        where = ctx.mount_path(session, CANARY_TARGET)
+        result = await ctx.sh(session.id, f"printf %s {content} > '{where}/out.txt'")
     out = directory / "out.txt"
     seen = out.read_text(errors="replace") if out.is_file() else None
     if seen == content:
@@ -400,23 +405,24 @@ async def ro_mount_not_writable(ctx: CaseContext) -> Finding:
         return await _fs_unsupported(ctx, FilesystemAccess.READ_ONLY)
     directory, file, content = _canary_dir(ctx, writable=True)
     mode_before = file.stat().st_mode
-    t = CANARY_TARGET
-    attempts = {
-        "overwrite": f"echo x > {t}/canary.txt",
-        "append": f"echo x >> {t}/canary.txt",
-        "create": f"echo x > {t}/new.txt",
-        "rm": f"rm -f {t}/canary.txt",
-        "mv": f"mv {t}/canary.txt {t}/moved.txt",
-        "chmod": f"chmod 600 {t}/canary.txt",
-        "mkdir": f"mkdir {t}/newdir",
-        "remount": f"mount -o remount,rw {t}",
-    }
-    script = "\n".join(f"( {cmd} ) >/dev/null 2>&1 && echo 'ok {name}'" for name, cmd in attempts.items())
-    mount = FilesystemMount(source=str(directory), target=t, access=FilesystemAccess.READ_ONLY)
+    mount = FilesystemMount(source=str(directory), target=CANARY_TARGET, access=FilesystemAccess.READ_ONLY)
     async with ctx.session(mounts=(mount,)) as session:
+        t = ctx.mount_path(session, CANARY_TARGET)
+        attempts = {
+            "overwrite": f"echo x > '{t}/canary.txt'",
+            "append": f"echo x >> '{t}/canary.txt'",
+            "create": f"echo x > '{t}/new.txt'",
+            # Not rm -f: it exits 0 for a missing file, which would read as a removal.
+            "rm": f"rm '{t}/canary.txt'",
+            "mv": f"mv '{t}/canary.txt' '{t}/moved.txt'",
+            "chmod": f"chmod 600 '{t}/canary.txt'",
+            "mkdir": f"mkdir '{t}/newdir'",
+            "remount": f"mount -o remount,rw '{t}'",
+        }
+        script = "\n".join(f"( {cmd} ) >/dev/null 2>&1 && echo 'ok {name}'" for name, cmd in attempts.items())
         alive, result = await ctx.probe(session.id, script)
         _require_alive(alive, "read-only write", show(result))
-        readable = await ctx.sh(session.id, f"cat {t}/canary.txt")
+        readable = await ctx.sh(session.id, f"cat '{t}/canary.txt'")
     succeeded = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("ok ")]
     host_changes = []
     if not file.is_file() or file.read_text(errors="replace") != content:
@@ -434,7 +440,7 @@ async def ro_mount_not_writable(ctx: CaseContext) -> Finding:
         return probe_broken(
             f"the read-only mount was not readable, so its refusals prove nothing: {show(readable)}"
         )
-    return conforms(f"{', '.join(attempts)} all failed; host file unchanged")
+    return conforms(f"{', '.join(attempts)} all failed at {t}; host file unchanged")
 
 
 @case("filesystem.canonical_mounts")
@@ -463,30 +469,49 @@ async def canonical_mounts(ctx: CaseContext) -> Finding:
 
 @case("filesystem.tmp_private")
 async def tmp_private(ctx: CaseContext) -> Finding:
-    """The guest's /tmp is writable and private: host /tmp files are not in it, guest files do not leak."""
+    """The guest's temp dir (/tmp, or ``$TMPDIR`` where /tmp is the host's) is writable and private: a file in
+    the host's /tmp is not visible, and what the guest writes appears neither in the host's /tmp nor in another
+    session."""
     if not ctx.caps.filesystem_isolation:
         return await _fs_unsupported(ctx, FilesystemAccess.READ_WRITE)
     content = token("tmp-canary-")
-    host_file = ctx.host_file(Path("/tmp") / f"stockade-canary-{secrets.token_hex(6)}", content, 0o644)
-    guest_name = f"stockade-guest-{secrets.token_hex(6)}"
+    host_name = f"stockade-canary-{secrets.token_hex(6)}"
+    host_file = ctx.host_file(Path("/tmp") / host_name, content, 0o644)
+    guest_name, guest_content = f"stockade-guest-{secrets.token_hex(6)}", token("guest-tmp-")
     script = (
-        f"cat {host_file} 2>&1\n"
-        f"echo x > /tmp/{guest_name} && echo tmp-writable"
+        f"t={GUEST_TMP}; echo \"tmpdir=$t\"\n"
+        f"cat {host_file} \"$t/{host_name}\" 2>&1\n"
+        # Split, so that only a file that was written and read back shows the whole content.
+        f"printf '%s%s\\n' {guest_content[:8]} {guest_content[8:]} > \"$t/{guest_name}\" && cat \"$t/{guest_name}\""
     )
     async with ctx.session() as session:
         alive, result = await ctx.probe(session.id, script)
         host_guest_file = Path("/tmp") / guest_name
         leaked_out = host_guest_file.exists()
-    if leaked_out:
-        ctx.remove_later(host_guest_file)
-    _require_alive(alive, "/tmp", show(result))
-    if content in result.stdout:
-        return escaped(f"host file {host_file} is visible at the guest's /tmp")
-    if leaked_out:
-        return escaped(f"a file the guest wrote to /tmp appeared in the host's /tmp ({host_guest_file})")
-    if "tmp-writable" not in result.stdout.split():
-        return overrefused(f"the guest's /tmp is not writable: {show(result)}")
-    return conforms("/tmp is writable and does not share the host's /tmp")
+        if leaked_out:
+            ctx.remove_later(host_guest_file)
+        _require_alive(alive, "temp dir", show(result))
+        if content in result.stdout:
+            return escaped(f"host file {host_file} is visible in the guest")
+        if leaked_out:
+            return escaped(f"a file the guest wrote to its temp dir appeared in the host's /tmp ({host_guest_file})")
+        if guest_content not in result.stdout:
+            return overrefused(f"the guest's temp dir is not writable: {show(result)}")
+        first_tmp = next(
+            (line.removeprefix("tmpdir=") for line in result.stdout.splitlines() if line.startswith("tmpdir=")), ""
+        )
+        if not first_tmp.startswith("/"):
+            return probe_broken(f"the guest did not report its temp dir: {show(result)}")
+        # The second session looks in its own temp dir and at the path the first one reported, which on a
+        # backend without a private view is a host path it could try to reach.
+        async with ctx.session() as other:
+            alive, seen = await ctx.probe(
+                other.id, f"cat {GUEST_TMP}/{guest_name} '{first_tmp}/{guest_name}' 2>&1; true"
+            )
+        _require_alive(alive, "second session's temp dir", show(seen))
+    if guest_content in seen.stdout:
+        return escaped(f"another session read the file the first wrote to its temp dir ({first_tmp}/{guest_name})")
+    return conforms(f"the temp dir ({first_tmp}) is writable; the host's /tmp and another session do not share it")
 
 
 # ---------------------------------------------------------------------------------------------------- env
@@ -572,7 +597,11 @@ async def guest_loopback_admitted(ctx: CaseContext) -> Finding:
         return await ctx.expect_unsupported(spec, "a deny-all network policy")
     code = (
         "import socket\n"
-        "srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)\n"
+        "try:\n"
+        "    srv = socket.socket()\n"
+        "except OSError as e:\n"
+        "    print('stockade-loopback-refused', e); raise SystemExit(0)\n"
+        "srv.bind(('127.0.0.1', 0)); srv.listen(1)\n"
         "c = socket.create_connection(srv.getsockname(), timeout=5)\n"
         "a, _ = srv.accept(); c.sendall(b'ping'); data = a.recv(4)\n"
         "print('stockade-loop' + ('back-ok' if data == b'ping' else 'back-bad'))\n"
@@ -586,6 +615,10 @@ async def guest_loopback_admitted(ctx: CaseContext) -> Finding:
         result = await ctx.exec(session.id, "python3", "-c", code, timeout=20)
     if "stockade-loopback-ok" in result.stdout:
         return conforms("a guest listener on 127.0.0.1 accepted a guest connection")
+    if not ctx.caps.private_loopback and "stockade-loopback-refused" in result.stdout:
+        # Declared: without a loopback of its own, deny-all refuses IP sockets (the loopback would be the host's).
+        return not_applicable("unsupported: the backend declares private_loopback=false; measured: the guest's "
+                              f"IP socket was refused ({show(result)})")
     return overrefused(f"loopback inside the guest does not work: {show(result)}")
 
 
@@ -700,7 +733,7 @@ async def memory(ctx: CaseContext) -> Finding:
 def _spawn_script(count: int) -> str:
     # Each successful fork appends its pid before the next; a failed fork aborts the subshell, and the rest
     # uses only shell builtins so that counting works while the pid budget is exhausted.
-    f = f"/tmp/stockade-pids-{secrets.token_hex(4)}"
+    f = f"{GUEST_TMP}/stockade-pids-{secrets.token_hex(4)}"
     return (
         f': > {f}\n'
         f'( i=0; while [ $i -lt {count} ]; do sleep 60 </dev/null >/dev/null 2>&1 & echo $! >> {f}; '

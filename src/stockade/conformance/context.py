@@ -288,6 +288,20 @@ class CaseContext:
             self._caps = self.backend.capabilities()
         return self._caps
 
+    def mount_path(self, session: SandboxSession, target: str) -> str:
+        """Where the guest finds the mount at ``target``: the target itself in a private filesystem view; on a
+        backend without one (``private_filesystem_view`` false), which grants the source in place, the
+        ``host_path`` the session reports for it."""
+        if self.caps.private_filesystem_view:
+            return target
+        for mount in session.mounts:
+            if mount.target == target and mount.host_path:
+                return mount.host_path
+        raise Stop(overrefused(
+            f"the backend has no private filesystem view, and session {session.id} reports no host_path for its "
+            f"mount at {target}: there is no path at which the guest could reach it"
+        ))
+
     def base_network(self) -> NetworkPolicy:
         """The narrowest network policy the backend claims to enforce, for cases not about the network."""
         if self.caps.network_deny_all or not self.caps.network_unrestricted:

@@ -228,6 +228,9 @@ class LandlockBackend(SandboxBackend):
             egress_log=False,
             exec_streaming=True,
             persistent_sessions=True,
+            # Mounts are granted in place at their host paths; /tmp is the host's, TMPDIR the session's.
+            private_filesystem_view=False,
+            private_loopback=False,
         )
 
     def enforcement(self, connect_port: int | None = None) -> landlock.Enforcement:
@@ -503,6 +506,8 @@ class LandlockBackend(SandboxBackend):
             "home": paths["home"],
             "tmpdir": paths["tmp"],
             "root": paths["root"],
+            # The per-session supervisor every exec is forked from: the session's own idle footprint (bench/).
+            "supervisor_pid": str(record["supervisor_pid"]),
             "uid": str(record["uid"]) if record.get("uid") is not None else "host user",
             "memory_limit_scope": "per process (RLIMIT_AS), not per session",
             "not_enforced": "; ".join(enforcement.get("gaps", [])),

@@ -195,12 +195,12 @@ def _which(name: str, path: str) -> str:
 
 
 def _run_runner(req: dict[str, Any], stdin_r: int, stdout_w: int, stderr_w: int, status_w: int) -> None:
-    """In the runner (a child subreaper, so the exec's orphans stay in its subtree): start the command, report
-    how it ended on ``status_w``, then exit. Timeouts are enforced from outside (:func:`kill_exec_tree`)."""
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    """In the runner (already a child subreaper, so the exec's orphans stay in its subtree; the fds arrive
+    close-on-exec, so only 0, 1, 2 go on): start the command, report how it ended on ``status_w``, then exit.
+    Timeouts are enforced from outside (:func:`kill_exec_tree`)."""
+    # First, so that a timeout can kill the runner even if it hangs before the command starts (a cwd on a
+    # stuck mount).
     os.write(status_w, b"R %d\n" % os.getpid())
-    for fd in (stdin_r, stdout_w, stderr_w, status_w):
-        os.set_inheritable(fd, False)  # fds received over a socket are inheritable: only 0, 1, 2 go on
     stage = "cwd"
     try:
         os.chdir(req["cwd"])
@@ -270,9 +270,11 @@ def _confine(config: dict[str, Any], ruleset_fd: int, programs: list[bytes]) -> 
 
 
 def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """One request (JSON) and the fds that came with it; an empty request means the supervisor is gone."""
+    """One request (JSON) and the fds that came with it, close-on-exec; an empty request means the supervisor
+    is gone."""
     fds = array.array("i")
-    msg, ancdata, _flags, _addr = sock.recvmsg(1 << 20, socket.CMSG_SPACE(4 * fds.itemsize))
+    msg, ancdata, _flags, _addr = sock.recvmsg(1 << 20, socket.CMSG_SPACE(4 * fds.itemsize),
+                                               socket.MSG_CMSG_CLOEXEC)
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
@@ -284,6 +286,8 @@ def _spare_runner(sock: socket.socket, taken_w: int) -> None:
     new spare is forked while this exec runs), then runs the exec. Never returns."""
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # Work that does not depend on the request is done while waiting for one.
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
     # Touch now what serving a request touches, so that the copy-on-write faults of a fresh fork are paid
     # while waiting, not after the request arrived.
     json.loads(json.dumps({"argv": ["true"], "cwd": "/", "env": {"PATH": "/usr/bin"}, "rlimits": {}}))
@@ -462,7 +466,11 @@ class Exec:
                         self._signal_runner()
                 else:
                     self.status = text
-        # End of the status pipe: the runner is gone (it reported, or was killed).
+            if self.status is not None:
+                # The runner has reaped the command and reported: finish now rather than at end-of-file,
+                # which comes only once the runner (a forked Python process) has torn itself down.
+                break
+        # The runner reported how the command ended, or it is gone (killed).
         self._close_fd("status_r")
         # The command is gone; whatever it wrote is in the pipes. Drain without waiting for end-of-file,
         # which a background process holding the pipe could delay forever.

@@ -234,14 +234,11 @@ class _Paths(dict[str, str]):
 
 async def mounted_paths(ctx: CaseContext, session: SandboxSession) -> dict[str, str]:
     """Where the guest finds each of the session's mounts: its ``target``, or, on a backend without a private
-    filesystem view (which grants the source in place), the ``host_path`` the session reports for it."""
-    paths = {m.target: m.host_path or m.target for m in session.mounts}
-    if not paths:
+    filesystem view (``private_filesystem_view`` false: it grants the source in place), the ``host_path`` the
+    session reports for it (see :meth:`CaseContext.mount_path`)."""
+    if ctx.caps.private_filesystem_view:
         return _Paths()
-    checks = "; ".join(f"test -e '{target}' && echo '@{target}'" for target in paths)
-    result = await ctx.sh(session.id, f"{checks}; true")
-    present = {line[1:] for line in result.stdout.splitlines() if line.startswith("@")}
-    return _Paths({target: target if target in present else seen for target, seen in paths.items()})
+    return _Paths({m.target: m.host_path for m in session.mounts if m.host_path})
 
 
 def canary_dir(ctx: CaseContext, writable: bool = False) -> tuple[Path, Path, str]:

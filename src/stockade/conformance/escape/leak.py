@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..canaries import token
 from ..context import CaseContext, Finding, case, conforms, escaped, show
+from ._declared import declared_absent
 from ._support import CANARY_TARGET, canary_dir, gated, mount, need_python, require, run_py, scratch
 
 __all__: list[str] = []
@@ -66,7 +67,8 @@ async def hostname(ctx: CaseContext) -> Finding:
         lines = seen.stdout.split()
         require(len(lines) >= 2 and bool(lines[0]), "the guest printed no hostname", seen)
         if host_name in lines[:2] and host_name not in ("localhost", "stockade"):
-            return escaped(f"the guest sees the host's hostname {host_name!r} (no rename tried): {show(seen)}")
+            shown = f"the guest sees the host's hostname {host_name!r} (no rename tried): {show(seen)}"
+            return declared_absent(ctx, "process_isolation", shown) or escaped(shown)
         await ctx.sh(session.id, "hostname stockade-escaped 2>/dev/null; echo set=$?")
     after = socket.gethostname()
     if after != host_name:

@@ -15,7 +15,7 @@ from datetime import timedelta
 import anyio
 
 from ...errors import SandboxError, SessionNotFound, Unsupported
-from ...models import NetworkPolicy, ResourceLimits, SandboxSession, SandboxState
+from ...models import OUTPUTS_MOUNT, NetworkPolicy, ResourceLimits, SandboxSession, SandboxState
 from ..context import (
     CaseContext,
     Finding,
@@ -169,11 +169,11 @@ async def failed_start_keeps_session(ctx: CaseContext) -> Finding:
 
 _PLANT = """
 import time
-victim_dir, victim_file, seconds, tmp = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+victim_dir, victim_file, seconds, tmp, outputs = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], sys.argv[5]
 os.makedirs(tmp)
 os.symlink(victim_file, tmp + "/abs-file")
-os.symlink(victim_dir, "/mnt/session/outputs/abs-dir")
-os.symlink("../" * 20 + victim_file.lstrip("/"), "/mnt/session/outputs/rel-file")
+os.symlink(victim_dir, outputs + "/abs-dir")
+os.symlink("../" * 20 + victim_file.lstrip("/"), outputs + "/rel-file")
 if os.fork() == 0:
     os.setsid()
     deadline, n = time.monotonic() + seconds, 0
@@ -181,7 +181,7 @@ if os.fork() == 0:
     os.symlink(victim_dir, tmp + "/swap-link")
     while time.monotonic() < deadline:
         n += 1
-        with open("/mnt/session/outputs/counter.txt", "w") as f:
+        with open(outputs + "/counter.txt", "w") as f:
             f.write(str(n))
         try:
             os.rename(tmp + "/swap-dir", tmp + "/swap-tmp")
@@ -226,14 +226,16 @@ emit({"hits": hits, "files": files})
 
 @case("escape.life.snapshot_during_writes")
 async def snapshot_during_writes(ctx: CaseContext) -> Finding:
-    """Snapshots taken while the guest writes and swaps a /tmp directory with a symlink to a host directory (and
-    has planted absolute and relative symlinks to a host file) capture no host file: a session restored from
-    them holds no canary content, and the host files are unchanged."""
+    """Snapshots taken while the guest writes and swaps a directory in its temp dir with a symlink to a host
+    directory (and has planted absolute and relative symlinks to a host file) capture no host file: a session
+    restored from them holds no canary content, and the host files are unchanged."""
     victim_dir, victim, content = canary_dir(ctx)
     async with ctx.session() as session:
         await _snapshot_gate(ctx, session.id)
         await need_python(ctx, session.id)
-        planted, result = await run_py(ctx, session.id, _PLANT, str(victim_dir), str(victim), "3", scratch(ctx))
+        outputs = (await mounted_paths(ctx, session))[OUTPUTS_MOUNT]
+        planted, result = await run_py(ctx, session.id, _PLANT, str(victim_dir), str(victim), "3", scratch(ctx),
+                                       outputs)
         require(bool(planted.get("planted")), "the guest planted nothing", result)
         snapshots = []
         for _ in range(3):
@@ -247,7 +249,9 @@ async def snapshot_during_writes(ctx: CaseContext) -> Finding:
             return overrefused(f"a snapshot with planted symlinks cannot be restored: {type(exc).__name__}: {exc}")
         except Exception as exc:  # a foreign exception escaping provision is itself a finding
             return overrefused(f"restoring a snapshot with planted symlinks failed with {type(exc).__name__}: {exc}")
-        found, _ = await run_py(ctx, restored.id, _GREP, content, json.dumps(["/tmp", "/mnt/session/outputs"]))
+        # %TMP% is the guest's temp dir (where the probe planted its scratch), /tmp in a private view.
+        roots = ["%TMP%", (await mounted_paths(ctx, restored))[OUTPUTS_MOUNT]]
+        found, _ = await run_py(ctx, restored.id, _GREP, content, json.dumps(roots))
         hits += found.get("hits", [])
         await ctx.terminate(restored.id)
     if hits or victim.read_text() != content:
@@ -354,13 +358,15 @@ async def policy_after_restore(ctx: CaseContext) -> Finding:
     await gated(ctx, wide, "a spec with mounts")
     async with ctx.session(wide) as session:
         await _snapshot_gate(ctx, session.id)
-        await ctx.sh(session.id, "echo before > /mnt/session/outputs/state.txt")
+        outputs = (await mounted_paths(ctx, session))[OUTPUTS_MOUNT]
+        await ctx.sh(session.id, f"echo before > '{outputs}/state.txt'")
         snap = await ctx.snapshot(session.id)
     narrow = ctx.spec(mounts=(mount(ro_dir, CANARY_TARGET),), network_policy=NetworkPolicy.deny_all(),
                       limits=ResourceLimits(memory_mb=64 if memory else None), from_snapshot=snap.snapshot_id)
     async with ctx.session(narrow) as restored:
         await need_python(ctx, restored.id)
-        state = await ctx.sh(restored.id, "cat /mnt/session/outputs/state.txt")
+        outputs = (await mounted_paths(ctx, restored))[OUTPUTS_MOUNT]
+        state = await ctx.sh(restored.id, f"cat '{outputs}/state.txt'")
         problems = await _check_policy(ctx, restored, str(victim), content, listener.port, memory)
     if problems or listener.connections:
         return escaped(f"after restore: {problems}")

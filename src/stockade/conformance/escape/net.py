@@ -18,6 +18,7 @@ from ...models import NetworkPolicy, SandboxSpec
 from ..canaries import HostListener
 from ..context import CaseContext, Finding, case, conforms, escaped, overrefused
 from ._canaries import HostUdpListener, HostUnixListener
+from ._declared import declared_absent
 from ._support import CANARY_TARGET, gated, mount, mounted_paths, need_python, require, run_py, scratch
 
 __all__: list[str] = []
@@ -186,19 +187,23 @@ for name, args in attempts.items():
         continue
     out[name] = "created"
     s.close()
-try:
-    socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
-    control = "ok"
-except OSError as e:
-    control = "error: " + str(e)
-emit({"sockets": out, "control": control})
+def control(family):
+    try:
+        socket.socket(family, socket.SOCK_STREAM).close()
+        return "ok"
+    except OSError as e:
+        return "error: " + str(e)
+emit({"sockets": out, "control": control(socket.AF_INET), "control_unix": control(socket.AF_UNIX)})
 """
 
 
 @case("escape.net.raw_packet_icmp")
 async def raw_packet_icmp(ctx: CaseContext) -> Finding:
     """No raw or packet socket can be created under deny-all, nor those or an ICMP (ping) socket under a
-    limited policy where the backend offers one; an ordinary TCP socket can (control)."""
+    limited policy where the backend offers one; an ordinary TCP socket can (control). A backend without a
+    private loopback (``private_loopback`` false) refuses every IP socket under deny-all, ping sockets included
+    (they would use the host's network); its control there is a unix socket."""
+    own_loopback = ctx.caps.private_loopback
     specs = [("deny-all", await _deny_all(ctx))]
     if ctx.caps.network_policy:
         specs.append(("limited", ctx.spec(network_policy=NetworkPolicy.limited(f"{ALLOWED_NAME}:443"))))
@@ -212,8 +217,11 @@ async def raw_packet_icmp(ctx: CaseContext) -> Finding:
         # An ICMP "ping" socket needs no privilege and, in the empty namespace of deny-all, reaches only the
         # guest's own loopback; raw and packet sockets need CAP_NET_RAW, which no guest may hold.
         created[label] = [n for n, o in seen[label].items()
-                          if o == "created" and (label != "deny-all" or "(ping)" not in n)]
-        if found.get("control") != "ok":
+                          if o == "created" and (label != "deny-all" or "(ping)" not in n or not own_loopback)]
+        if label == "deny-all" and not own_loopback:
+            if found.get("control_unix") != "ok":
+                return overrefused(f"not even a unix socket can be created ({label}): {found.get('control_unix')}")
+        elif found.get("control") != "ok":
             return overrefused(f"an ordinary TCP socket cannot be created ({label}): {found.get('control')}")
         require(bool(seen[label]), "the socket probe did not run", result)
     if any(created.values()):
@@ -361,6 +369,11 @@ async def guest_local_admitted(ctx: CaseContext) -> Finding:
         found, _result = await run_py(ctx, session.id, _LOCAL, "v6" if _v6() else "v4", scratch(ctx))
     local: dict[str, str] = found.get("local", {})
     broken = {k: v for k, v in local.items() if v != "pong"}
+    ip_only = all(not k.startswith("unix") for k in broken)
+    if broken and local and ip_only:
+        declared = declared_absent(ctx, "private_loopback", f"unix sockets work, IP loopback refused: {broken}")
+        if declared is not None:
+            return declared
     if broken or not local:
         return overrefused(f"the guest's own local networking is broken: {broken or local}")
     return conforms(f"{', '.join(local)} round trips inside the guest work")

@@ -25,6 +25,7 @@ import anyio
 from ..canaries import token
 from ..context import CaseContext, Finding, case, conforms, escaped, not_measured, overrefused, show
 from ._canaries import HostProcess
+from ._declared import declared_absent
 from ._support import (
     CANARY_TARGET,
     alive_after,
@@ -85,7 +86,8 @@ async def host_visible(ctx: CaseContext) -> Finding:
         await need_python(ctx, session.id)
         found = await _scan(ctx, session.id, proc)
     if found.get("found"):
-        return escaped(f"host process {proc.pid} ('sleep {proc.needle}') visible in the guest as {found['found']}")
+        seen = f"host process {proc.pid} ('sleep {proc.needle}') visible in the guest as {found['found']}"
+        return declared_absent(ctx, "process_isolation", seen) or escaped(seen)
     pids = found.get("pids")
     return conforms(f"the guest sees pids {pids}; the host canary (pid {proc.pid}) is not among them")
 
@@ -117,9 +119,16 @@ async def signal_host(ctx: CaseContext) -> Finding:
         await need_python(ctx, session.id)
         found = await _scan(ctx, session.id, proc)
         signals, _ = await run_py(ctx, session.id, _SIGNAL, str(proc.pid))
-        if found.get("found") or found.get("signal0") == "delivered" or proc.harmed():
-            return escaped(f"the guest can reach host process {proc.pid}: {found}, {signals}; "
+        delivered = [sig for sig, outcome in signals.get("signals", {}).items() if outcome == "delivered"]
+        if found.get("signal0") == "delivered" or delivered or proc.harmed():
+            return escaped(f"the guest can signal host process {proc.pid}: {found}, {signals}; "
                            f"the canary is {proc.harmed() or 'unharmed'} (kill -9 -1 not tried)")
+        if found.get("found"):
+            # Visible but not signallable: kill -9 -1 is still not tried (a shared pid namespace is one broken
+            # signal scope away from killing the host).
+            seen = (f"host process {proc.pid} is visible ({found['found']}) but signals to it are refused "
+                    f"({signals.get('signals')}); kill -9 -1 not tried")
+            return declared_absent(ctx, "process_isolation", seen) or escaped(seen)
         await ctx.sh(session.id, "kill -9 -1; kill -STOP -1; true", timeout=10)
         await alive_after(ctx, session.id, "kill -9 -1")
     harmed = proc.harmed()
