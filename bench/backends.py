@@ -133,10 +133,12 @@ async def _guard(system: SystemResult, metric: str, step: Any) -> None:
 
 
 async def run_backend(
-    name: str, cfg: RunConfig, workdir: Path, options: dict[str, Any], *, scaling: bool = True
+    name: str, cfg: RunConfig, workdir: Path, options: dict[str, Any], *, scaling: bool = True,
+    system_name: str | None = None,
 ) -> SystemResult:
-    """Every per-backend metric, then the scaling curve and idle memory (``scaling``), for one backend."""
-    system = SystemResult(name, "backend", f"stockade `{name}`")
+    """Every per-backend metric, then the scaling curve and idle memory (``scaling``), for one backend;
+    ``system_name`` names the row when it is a variant of the backend (``docker-runsc``)."""
+    system = SystemResult(system_name or name, "backend", f"stockade `{name}`")
     try:
         backend = open_bench_backend(name, workdir, options)
     except SandboxError as exc:
@@ -211,6 +213,11 @@ async def _suite(system: SystemResult, backend: SandboxBackend, sessions: Sessio
     else:
         system.skip("snapshot", "capabilities().snapshot is false")
         system.skip("restore", "capabilities().snapshot is false")
+
+    if caps.memory_snapshot:
+        await _guard(system, "memory_snapshot", lambda: _memory_snapshot(system, backend, sessions, spec, cfg))
+    else:
+        system.skip("memory_snapshot", "capabilities().memory_snapshot is false (snapshots keep files only)")
 
     suspend = getattr(backend, "suspend", None)
     if not caps.resume:
@@ -303,6 +310,40 @@ async def _snapshot_restore(system: SystemResult, backend: SandboxBackend, sessi
         if i >= cfg.snapshot_warmup:
             samples.append(elapsed)
     system.put("restore", summarise(ms(samples), "ms", cfg.snapshot_warmup, verified=True, **extra))
+
+
+async def _memory_snapshot(system: SystemResult, backend: SandboxBackend, sessions: Sessions, spec: SandboxSpec,
+                           cfg: RunConfig) -> None:
+    """A session holding ``memory_snapshot_bytes`` in memory (random bytes in the guest's /dev/shm, a tmpfs of
+    the sandbox's own kernel under gVisor), snapshotted, then restored until the bytes are back: they can only
+    come back through the memory image. Each round has a fresh session (untimed provision and fill): a second
+    checkpoint of one gVisor session fails with the docker backend at present ("id already in use")."""
+    n = cfg.memory_snapshot_bytes
+    held = "/dev/shm/held.bin"
+    check = ExecRequest(command="stat", args=("-c", "%s", held))
+    extra = {"bytes": n, "content": f"{n} random bytes in {held} (memory of the sandbox), a fresh session each"}
+    snaps, restores = [], []
+    for i in range(cfg.snapshot_warmup + cfg.snapshot_runs):
+        session, _ = await sessions.provision_ready(spec)
+        fill = await backend.exec(session.id, ExecRequest(command="sh", args=(
+            "-c", f"head -c {n} /dev/urandom > {held} && stat -c %s {held}")))
+        if fill.exit_code != 0 or fill.stdout.strip() != str(n):
+            raise RuntimeError(f"could not fill {held}: {fill.stdout.strip()[-100:]} {fill.stderr[-300:]}")
+        start = time.perf_counter()
+        snap = await backend.snapshot(session.id)
+        elapsed = time.perf_counter() - start
+        await sessions.terminate(session.id)
+        restored, restore_s = await sessions.provision_ready(
+            SandboxSpec(network_policy=spec.network_policy, from_snapshot=snap.snapshot_id), check)
+        size = (await backend.exec(restored.id, check)).stdout.strip()
+        await sessions.terminate(restored.id)
+        if size != str(n):
+            raise RuntimeError(f"the restored session has {size or 'no'} bytes in {held}, not {n}")
+        if i >= cfg.snapshot_warmup:
+            snaps.append(elapsed)
+            restores.append(restore_s)
+    system.put("memory_snapshot", summarise(ms(snaps), "ms", cfg.snapshot_warmup, **extra))
+    system.put("memory_restore", summarise(ms(restores), "ms", cfg.snapshot_warmup, verified=True, **extra))
 
 
 async def _suspend_resume(system: SystemResult, backend: SandboxBackend, session_id: str, cfg: RunConfig) -> None:

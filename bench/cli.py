@@ -3,7 +3,8 @@
     python -m bench --docs                     # the full run; regenerates docs/benchmarks.md and its plots
     python -m bench --quick --backend bwrap --peers none --out /tmp/b    # the smoke run CI does
 
-Every registered stockade backend is measured unless ``--backend`` names some; baselines always run; peers
+Every registered stockade backend is measured unless ``--backend`` names some, and so are the variants in
+``VARIANTS`` (``docker-runsc``: the docker backend under gVisor); baselines always run; peers
 (``docker``, ``srt``, ``llm-sandbox``) run when installed (bench/install_peers.sh) and are skipped with the
 reason otherwise. Nothing is asserted: the targets of the backend issues are reported as met / not met / not
 measured.
@@ -28,7 +29,7 @@ import anyio
 from .backends import registered_backends, run_backend
 from .baselines import run_baselines
 from .config import FULL, QUICK, RunConfig
-from .fixtures import REMOTE_INNER, docker_backend_options, remote_service
+from .fixtures import REMOTE_INNER, docker_backend_options, ray_cluster, remote_service
 from .gateway import run_gateway
 from .host import background_load, describe_host, loadavg
 from .results import SCHEMA, SystemResult
@@ -38,6 +39,11 @@ __all__ = ["main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ("docker", "srt", "llm-sandbox")
+# Rows that run a registered backend with other options: row name -> (backend, options).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"docker-runsc": ("docker", {"runtime": "runsc"})}
+# Sessions the suite holds at once besides the scaling levels (the provision pool, the stream and snapshot
+# sessions): the Ray cluster gets slots for the largest of the two, and this many more.
+RAY_SPARE_SLOTS = 8
 # metric -> (baseline system, its metric): the same-run reference each figure is divided by.
 RATIOS = {
     "exec_true": ("fork+exec", "exec_true"),
@@ -53,7 +59,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true", help="a few runs of everything at small sizes (smoke test)")
     parser.add_argument("--backend", action="append", default=None, metavar="NAME",
-                        help="measure only this stockade backend (repeatable); 'none' for none")
+                        help="measure only this backend or variant (docker-runsc); repeatable; 'none' for none")
     parser.add_argument("--peers", default=",".join(PEERS),
                         help=f"comma-separated peers to run, or 'none' (default: {','.join(PEERS)})")
     parser.add_argument("--no-gateway", action="store_true", help="skip the egress gateway measurements")
@@ -137,7 +143,8 @@ async def _measure(args: argparse.Namespace, cfg: RunConfig, workdir: Path) -> d
     wanted = None if args.backend is None else set(args.backend) - {"none"}
     options = _options(args.option)
     engine = _Engine()
-    docker_backend = (wanted is None or "docker" in wanted) and "docker" not in options
+    docker_backend = any((wanted is None or row in wanted) and row not in options
+                         for row in ("docker", *(v for v, (b, _) in VARIANTS.items() if b == "docker")))
     try:
         if peers & {"docker", "llm-sandbox"} or docker_backend:
             engine.start()
@@ -155,7 +162,12 @@ async def _measure(args: argparse.Namespace, cfg: RunConfig, workdir: Path) -> d
                 add(system)
                 continue
             add(await _run_one_backend(name, cfg, workdir, options.get(name), engine))
-        for name in sorted((wanted or set()) - {n for n, _ in registered}):
+        for variant, (name, extra) in VARIANTS.items():
+            if wanted is not None and variant not in wanted:
+                continue
+            print(f"bench: backend {variant}", flush=True)
+            add(await _run_variant(variant, name, extra, cfg, workdir, options.get(variant), engine))
+        for name in sorted((wanted or set()) - {n for n, _ in registered} - set(VARIANTS)):
             system = SystemResult(name, "backend", f"stockade `{name}`")
             system.unavailable("no backend of that name is registered")
             add(system)
@@ -174,8 +186,10 @@ async def _run_one_backend(name: str, cfg: RunConfig, workdir: Path, options: di
     """One backend; ``remote`` and ``docker`` get what they need (a service, the private engine) unless the
     caller gave them options of their own."""
     scaling = bool(cfg.scaling_levels)
-    if options is not None or name not in ("remote", "docker"):
+    if options is not None or name not in ("remote", "docker", "ray"):
         return await run_backend(name, cfg, workdir, options or {}, scaling=scaling)
+    if name == "ray":
+        return await _run_ray(cfg, workdir)
     if name == "docker":
         if engine.dockerd is None:
             system = SystemResult(name, "backend", f"stockade `{name}`")
@@ -201,6 +215,52 @@ async def _run_one_backend(name: str, cfg: RunConfig, workdir: Path, options: di
         return system
     system.label = f"stockade `remote` (unix socket, `stockade serve --backend {REMOTE_INNER}`)"
     system.info["inner_backend"] = REMOTE_INNER
+    return system
+
+
+async def _run_ray(cfg: RunConfig, workdir: Path) -> SystemResult:
+    """``ray`` on the cluster at ``$STOCKADE_RAY_ADDRESS`` / ``$RAY_ADDRESS`` when one is set, else on a
+    two-node cluster the benchmark starts and stops (``fixtures.ray_cluster``)."""
+    scaling = bool(cfg.scaling_levels)
+    if os.environ.get("STOCKADE_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS"):
+        return await run_backend("ray", cfg, workdir, {}, scaling=scaling)
+    slots = max((*cfg.scaling_levels, cfg.provision_warmup + cfg.provision_runs)) + RAY_SPARE_SLOTS
+    print(f"bench: starting a two-node Ray cluster ({slots} slots)", flush=True)
+    try:
+        with ray_cluster(slots) as opts:
+            info = opts.pop("info")
+            system = await run_backend("ray", cfg, workdir, opts, scaling=scaling)
+    except RuntimeError as exc:
+        system = SystemResult("ray", "backend", "stockade `ray`")
+        system.unavailable(str(exc))
+        return system
+    system.label = "stockade `ray` (two nodes on this machine, bwrap on each)"
+    system.info["ray_cluster"] = info
+    return system
+
+
+async def _run_variant(variant: str, name: str, extra: dict[str, Any], cfg: RunConfig, workdir: Path,
+                       options: dict[str, Any] | None, engine: _Engine) -> SystemResult:
+    """A row that is a registered backend with other options (``VARIANTS``); the docker ones run on the
+    private engine unless ``--option`` gave them options of their own."""
+    scaling = bool(cfg.scaling_levels)
+    label = f"stockade `{name}` ({', '.join(f'{k}={v}' for k, v in extra.items())})"
+    if options is None and name == "docker":
+        if engine.dockerd is None:
+            system = SystemResult(variant, "backend", label)
+            system.unavailable(f"needs the benchmark's private dockerd: {engine.reason}")
+            return system
+        try:
+            options = docker_backend_options(engine.dockerd, **extra)
+        except RuntimeError as exc:
+            system = SystemResult(variant, "backend", label)
+            system.unavailable(str(exc))
+            return system
+        label = f"stockade `{name}` ({', '.join(f'{v}' for v in extra.values())}, on the benchmark's private dockerd)"
+    system = await run_backend(name, cfg, workdir, {**extra, **(options or {})}, scaling=scaling,
+                               system_name=variant)
+    system.label = label
+    system.info["options"] = extra
     return system
 
 

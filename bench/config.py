@@ -29,6 +29,8 @@ class RunConfig:
     snapshot_bytes: int
     snapshot_runs: int
     snapshot_warmup: int
+    # A session holding this much in memory, for backends whose snapshots keep memory (gVisor).
+    memory_snapshot_bytes: int
     suspend_runs: int
     suspend_warmup: int
     # Concurrent sessions; the largest level also gives the idle memory per session.
@@ -62,6 +64,7 @@ FULL = RunConfig(
     snapshot_bytes=100 * MB,
     snapshot_runs=5,
     snapshot_warmup=1,
+    memory_snapshot_bytes=50 * MB,
     suspend_runs=30,
     suspend_warmup=3,
     scaling_levels=(1, 10, 50, 200),
@@ -86,6 +89,7 @@ QUICK = RunConfig(
     snapshot_bytes=2 * MB,
     snapshot_runs=2,
     snapshot_warmup=0,
+    memory_snapshot_bytes=2 * MB,
     suspend_runs=3,
     suspend_warmup=1,
     scaling_levels=(1, 3),

@@ -79,4 +79,5 @@ def describe_host() -> dict[str, Any]:
         "python": platform.python_version(),
         "euid": os.geteuid(),
         "bwrap": tool_version(["bwrap", "--version"]),
+        "runsc": tool_version(["runsc", "--version"]),
     }

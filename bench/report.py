@@ -75,6 +75,13 @@ def _conditions(result: dict[str, Any]) -> list[str]:
         version = info.get("dockerd") or info.get("version")
         if version:
             rows.append([f"{name} version", str(version) + (f" (node {info['node']})" if info.get("node") else "")])
+    if host.get("runsc"):
+        rows.append(["runsc (gVisor) version", str(host["runsc"])])
+    cluster = result["systems"].get("ray", {}).get("info", {}).get("ray_cluster")
+    if cluster:
+        nodes = ", ".join(f"{ip}: {slots} slots" for ip, slots in cluster["nodes"].items())
+        rows.append(["Ray cluster", f"Ray {cluster['ray']}, {len(cluster['nodes'])} nodes on this machine ({nodes}), "
+                                    f"started in {cluster['cluster_start_s']:.0f} s"])
     return _table(["", ""], rows)
 
 
@@ -94,6 +101,16 @@ def _scaling(systems: Systems) -> list[str]:
     head = ["backend", "sessions", "provision p50", "provision p95", "all provisioned", "exec p50", "exec p95",
             "execs/s", "PSS p50", "RSS p50", "terminate p50", "all terminated"]
     return [*_table(head, rows), ""]
+
+
+def _placement(systems: Systems) -> list[str]:
+    lines = []
+    for name, system in systems.items():
+        for lv in system["info"].get("scaling") or []:
+            if lv.get("per_node"):
+                spread = ", ".join(f"{count} on {ip}" for ip, count in sorted(lv["per_node"].items()))
+                lines.append(f"- `{name}`, {lv['sessions']} sessions: {spread}.")
+    return [*lines, ""] if lines else []
 
 
 def _gateway(systems: Systems, image_dir: str) -> list[str]:
@@ -150,10 +167,22 @@ METHOD = """\
   stockade backends and llm-sandbox, a spawned command for the CLI tools (`bench.cmdtimer`, the same code for
   every command-line system), raw HTTP on the daemon's unix socket for `docker-api`.
 - **provision -> ready** runs until a first `true` succeeds in the new session. **exec** is `true` in an
-  existing session. **streaming** reads `head -c 100000000 /dev/zero` as it arrives (llm-sandbox captures it).
+  existing session. **streaming** reads `head -c 100000000 /dev/zero` as it arrives (llm-sandbox through
+  an `on_stdout` callback, its streaming mode).
   **snapshot** captures 100 MB of session files (50 MB random bytes, incompressible, and 50 MB of zeros);
   **restore** provisions a new session from it and waits until the random file is back at full size.
   **suspend/resume** is one suspend plus one resume of a session. **terminate** is until the call returns.
+- **Memory snapshot** (backends whose snapshots keep memory: the docker backend under gVisor): a session holds
+  50 MB of random bytes in its `/dev/shm` (a tmpfs of gVisor's own kernel, so only the memory image brings them
+  back); the snapshot is timed, then a new session is provisioned from it until the 50 MB are back. Each round
+  starts from a fresh session (provisioned and filled untimed).
+- **Rows**: `docker` is the docker backend with runc and `docker-runsc` the same backend with `runtime="runsc"`
+  (Debian's gVisor, registered in the private dockerd's runtimes with `--network=none --oci-seccomp`), both on
+  the benchmark's private dockerd. `ray` runs on a two-node Ray cluster the benchmark starts on this machine
+  (each node a `ray start` in a network namespace of its own, bridged on a private /28, no route out; bwrap as
+  the node backend; slots for the largest scaling level), so its figures are Ray's overhead on one host, without
+  a real network between driver and nodes; its memory per session counts the sandbox's processes, not the
+  node's shared Ray agent. `landlock`'s memory per session is its supervisor process and what runs under it.
 - **Host memory per idle session**: all sessions of the largest scaling level are left idle, then the PSS of each
   session's processes is summed from `/proc/<pid>/smaps_rollup` (every process of the session's own cgroup, the
   descendants of its pid, and the ancestors created for it alone: bubblewrap's monitor, a container's shim).
@@ -212,19 +241,23 @@ def render(result: dict[str, Any], image_dir: str) -> str:
                     cfg)
     out += _section(systems, "snapshot", f"Snapshot of {snap_mb:g} MB of session files", None, image_dir, cfg)
     out += _section(systems, "restore", "Restore from that snapshot", "snapshot_restore", image_dir, cfg)
+    mem_mb = cfg.get("memory_snapshot_bytes", 0) / 1e6
+    out += _section(systems, "memory_snapshot", f"Snapshot of a session holding {mem_mb:g} MB in memory (gVisor)",
+                    None, image_dir, cfg)
+    out += _section(systems, "memory_restore", "Restore from that snapshot, memory included", None, image_dir, cfg)
     out += _section(systems, "suspend_resume", "Suspend + resume", "suspend_resume", image_dir, cfg)
     out += _section(systems, "terminate", "Terminate", "terminate", image_dir, cfg)
     out += _section(systems, "idle_memory", "Host memory per idle session", "idle_memory", image_dir, cfg,
                     _memory_lines(systems))
     levels = ", ".join(str(n) for n in cfg["scaling_levels"])
-    out += [f"### Scaling: {levels} sessions at once", "", *_scaling(systems)]
+    out += [f"### Scaling: {levels} sessions at once", "", *_scaling(systems), *_placement(systems)]
     out += [f"![{FIGURES['scaling']}]({image_dir}/scaling.png)", ""]
     out += ["### Egress gateway", "", *_gateway(systems, image_dir)]
     out += ["## Not measured, and why", "", *_skipped(systems), ""]
     out += ["## How it is measured", "", METHOD]
     out += ["## Reproduce", "", "```sh",
-            "bench/install_peers.sh   # as root: docker.io + busybox-static, srt (npm), llm-sandbox (venv)",
-            "pip install -e '.[bench]' # matplotlib",
+            "bench/install_peers.sh   # as root: docker.io + runsc + busybox-static, srt (npm), llm-sandbox (venv)",
+            "pip install -e '.[bench,ray]' # matplotlib; Ray for the `ray` row",
             result["command"],
             "```", "",
             "The last command wrote this page and `docs/benchmarks/` (plots and `results.json`). The smoke run "

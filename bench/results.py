@@ -32,6 +32,8 @@ METRICS: dict[str, MetricInfo] = {
     "stream_stdout": MetricInfo("streaming throughput of stdout", "MB/s", higher_is_better=True),
     "snapshot": MetricInfo("snapshot of the session files", "ms"),
     "restore": MetricInfo("restore from the snapshot (until the files are readable)", "ms"),
+    "memory_snapshot": MetricInfo("snapshot of a session holding memory (gVisor checkpoint)", "ms"),
+    "memory_restore": MetricInfo("restore of that snapshot (until the memory's bytes are back)", "ms"),
     "suspend_resume": MetricInfo("suspend + resume", "ms"),
     "suspend": MetricInfo("suspend", "ms"),
     "resume": MetricInfo("resume", "ms"),

@@ -12,6 +12,7 @@ import http.client
 import os
 import statistics
 import time
+from collections import Counter
 from typing import Any
 
 import anyio
@@ -33,8 +34,10 @@ from .procmem import (
 from .results import SystemResult
 from .stats import ms, summarise
 
-__all__ = ["idle_memory", "scaling_curve", "session_pid"]
+__all__ = ["idle_memory", "missing_pid_reason", "scaling_curve", "session_pid"]
 
+# bwrap: init_pid (ray passes its node backend's through); landlock: supervisor_pid, the session's supervisor,
+# whose descendants are the session's processes.
 PID_KEYS = ("init_pid", "supervisor_pid", "pid", "container_pid")
 
 
@@ -42,7 +45,7 @@ def session_pid(session: SandboxSession) -> int | None:
     """A host pid of the session, from the metadata keys backends use for it, or from the container it names
     (resolved through the engine at ``DOCKER_HOST``, a unix socket)."""
     for key in PID_KEYS:
-        value = session.metadata.get(key, "")
+        value = str(session.metadata.get(key, ""))
         if value.isdigit():
             return int(value)
     container = session.metadata.get("container", "")
@@ -82,6 +85,15 @@ def idle_memory(pids: list[int], since_ticks: int) -> dict[str, Any]:
     }
 
 
+def missing_pid_reason(session: SandboxSession | None) -> str:
+    """Why a session's memory cannot be measured: no host pid in its metadata."""
+    keys = ", ".join(PID_KEYS)
+    if session is not None and session.backend == "landlock":
+        return ("the landlock session's metadata has no supervisor_pid: this version of the landlock backend "
+                "does not expose the host pid of the session's supervisor")
+    return f"the backend's session metadata names no host pid ({keys}) and no container of the engine at DOCKER_HOST"
+
+
 async def _gather_timed(calls: list[Any]) -> tuple[list[float], list[Any], list[BaseException]]:
     """Run every zero-argument coroutine function at once; (seconds each, results, errors)."""
     seconds: list[float] = []
@@ -114,6 +126,8 @@ async def _level(backend: SandboxBackend, sessions: Sessions, spec: SandboxSpec,
         raise RuntimeError(f"{len(errors)} of {n} concurrent provisions failed; first: {errors[0]!r}")
     ready = [s for s, _ in provisioned]
     level["provision"] = summarise(ms([t for _, t in provisioned]), "ms", 0)
+    if any(s.metadata.get("node_ip") for s in ready):  # ray: where the sessions landed
+        level["per_node"] = dict(Counter(s.metadata.get("node_ip") or "?" for s in ready))
 
     latencies: list[float] = []
     rates: list[float] = []
@@ -137,8 +151,7 @@ async def _level(backend: SandboxBackend, sessions: Sessions, spec: SandboxSpec,
         level["memory"] = memory
     else:
         level["memory"] = None
-        level["memory_reason"] = (f"the backend's session metadata names no host pid ({', '.join(PID_KEYS)}) and no "
-                                  "container of the engine at DOCKER_HOST")
+        level["memory_reason"] = missing_pid_reason(ready[0] if ready else None)
 
     start = time.perf_counter()
     seconds, _, errors = await _gather_timed([lambda s=s: sessions.terminate(s.id) for s in ready])

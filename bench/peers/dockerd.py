@@ -1,15 +1,18 @@
 """A private Docker daemon for the benchmark: its own directory, its own socket, no network, stopped by pid.
 
 Started as machine-notes "Engines" describes (``--bridge=none --iptables=false --ip-masq=false``, data and
-exec roots in a temporary directory), and inside a loopback-only network namespace (``netjail``), so neither
-the daemon nor a container can reach anything but loopback, and no image is ever pulled: the one image used is
-a busybox-static root filesystem imported locally. Another daemon on the machine (someone else's) is never
-touched: everything this module stops or unmounts is found by the unique temporary directory.
+exec roots in a temporary directory; experimental mode, for checkpoints; gVisor registered as the ``runsc``
+runtime with the arguments of docs/docker.md when Debian's runsc is installed), and inside a loopback-only
+network namespace (``netjail``), so neither the daemon nor a container can reach anything but loopback, and no
+image is ever pulled: the one image used is a busybox-static root filesystem imported locally. Another daemon
+on the machine (someone else's) is never touched: everything this module stops or unmounts is found by the
+unique temporary directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -68,6 +71,7 @@ class PrivateDockerd:
         self.api = DockerAPI(str(self.socket))
         self.env = {**os.environ, "DOCKER_HOST": f"unix://{self.socket}"}
         self.version: str | None = None
+        self.runsc = shutil.which("runsc")
 
     def __enter__(self) -> PrivateDockerd:
         self.start()
@@ -77,10 +81,15 @@ class PrivateDockerd:
         self.stop()
 
     def start(self, timeout: float = 60.0) -> None:
+        # The trust key would otherwise be written to /etc/docker/key.json on the host.
+        config: dict[str, object] = {"experimental": True, "deprecated-key-path": str(self.dir / "key.json")}
+        if self.runsc:
+            config["runtimes"] = {"runsc": {"path": self.runsc, "runtimeArgs": ["--network=none", "--oci-seccomp"]}}
+        (self.dir / "daemon.json").write_text(json.dumps(config))
         argv = [
             "dockerd", "--host", f"unix://{self.socket}", "--data-root", str(self.dir / "data"),
             "--exec-root", str(self.dir / "exec"), "--pidfile", str(self.dir / "dockerd.pid"),
-            "--iptables=false", "--ip-masq=false", "--bridge=none",
+            "--config-file", str(self.dir / "daemon.json"), "--iptables=false", "--ip-masq=false", "--bridge=none",
         ]  # fmt: skip
         log = open(self.dir / "dockerd.log", "wb")  # noqa: SIM115 - handed to the daemon
         try:
