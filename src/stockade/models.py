@@ -637,7 +637,8 @@ class SandboxCapabilities(_Model):
     # mounts at their targets and has a /tmp of its own. False: the guest sees host paths; each mount is
     # granted in place at ``ResolvedMount.host_path`` and only ``$TMPDIR`` is the session's (``landlock``).
     private_filesystem_view: bool = True
-    # True (the contract's default): under deny-all the guest keeps a loopback of its own (TCP/UDP to 127.0.0.1
-    # inside the sandbox work). False: deny-all refuses IP sockets altogether, because without a network
-    # namespace the guest's loopback would be the host's (``landlock``).
+    # True (the contract's default): under deny-all the guest keeps local networking of its own (TCP/UDP to
+    # 127.0.0.1, unix sockets by path or abstract name, all inside the sandbox). False (``landlock``): deny-all
+    # refuses IP sockets altogether, because without a network namespace the guest's loopback would be the
+    # host's, and unix sockets too where a connect() could reach a host daemon's socket; socketpair() works.
     private_loopback: bool = True

@@ -16,14 +16,15 @@ dangerous calls):
 * ``personality`` with anything but 0, ``PER_LINUX32``, ``UNAME26``, both, or the query value ``0xffffffff``
   fails with ``EPERM``;
 * ``socket`` / ``socketpair`` per :attr:`SeccompProfile.network` (see :data:`NetworkFamilies`): a family
-  that is not allowed fails with ``EAFNOSUPPORT``, a type or protocol that is not allowed with ``EPERM``.
+  that is not allowed fails with ``EAFNOSUPPORT``, a type or protocol that is not allowed with ``EPERM``
+  (``EPROTOTYPE`` for a datagram ``socketpair`` under ``"pair"``).
 
 The same rules are compiled for every ABI the kernel accepts from this machine (on x86_64: x86_64, i386 and
 x32); system calls an ABI lacks are skipped for that ABI. A call from any other ABI kills the process.
 
 Known gap, i386 only: 32-bit code creates sockets through ``socketcall(2)``, whose arguments sit in user
 memory where seccomp cannot read them. With ``network="inet"`` socket creation through that ABI is not
-filtered at all (so 32-bit code can open e.g. netlink sockets); with ``"unix"`` and ``"inet_tcp"`` it is
+filtered at all (so 32-bit code can open e.g. netlink sockets); with the other settings it is
 refused entirely (``socketcall(SYS_SOCKET / SYS_SOCKETPAIR)`` fails with ``EAFNOSUPPORT``, even for
 ``AF_UNIX``), while the direct i386 ``socket`` call is filtered like on x86_64.
 """
@@ -57,13 +58,15 @@ __all__ = [
     "preexec_loader",
 ]
 
-NetworkFamilies = Literal["unix", "inet", "inet_tcp"]
+NetworkFamilies = Literal["pair", "unix", "inet", "inet_tcp"]
 """Which sockets ``socket(2)`` may create.
 
-``"unix"``: ``AF_UNIX`` only. ``"inet"``: ``AF_UNIX``, ``AF_INET`` and ``AF_INET6``, any type.
+``"pair"``: none; only ``socketpair(AF_UNIX)`` of type ``SOCK_STREAM`` or ``SOCK_SEQPACKET`` (a connected
+pair that cannot reach any other socket: a datagram pair could ``sendto()`` a host daemon's path, so it is
+refused). ``"unix"``: ``AF_UNIX`` only. ``"inet"``: ``AF_UNIX``, ``AF_INET`` and ``AF_INET6``, any type.
 ``"inet_tcp"``: ``AF_UNIX``, plus ``AF_INET``/``AF_INET6`` with ``SOCK_STREAM`` and protocol 0 or
 ``IPPROTO_TCP`` only (no UDP, raw, SCTP or MPTCP: the TCP rules of Landlock then cover all of IP).
-Every other family (netlink, packet, vsock, ...) is refused in all three.
+Every other family (netlink, packet, vsock, ...) is refused in all of them.
 """
 
 _BACKEND = "seccomp"
@@ -185,6 +188,7 @@ _AF_UNIX = 1
 _AF_INET = 2
 _AF_INET6 = 10
 _SOCK_STREAM = 1
+_SOCK_SEQPACKET = 5
 _IPPROTO_TCP = 6
 _SYS_SOCKET = 1  # socketcall(2) call numbers
 _SYS_SOCKETPAIR = 8
@@ -319,9 +323,17 @@ def _add_socket_rules(rules: _ArchRules, network: NetworkFamilies) -> None:
         for call in (_SYS_SOCKET, _SYS_SOCKETPAIR):
             rules.deny(errno.EAFNOSUPPORT, "socketcall", rules.arg(0, "eq", call))
 
-    families = [_AF_UNIX] if network == "unix" else [_AF_UNIX, _AF_INET, _AF_INET6]
-    for cmp in _outside(rules, 0, families):
-        rules.deny(errno.EAFNOSUPPORT, "socket", cmp)
+    if network == "pair":
+        rules.deny(errno.EAFNOSUPPORT, "socket")
+        # The low nibble of the type is the socket type (the rest is SOCK_NONBLOCK/SOCK_CLOEXEC).
+        for sock_type in range(16):
+            if sock_type not in (_SOCK_STREAM, _SOCK_SEQPACKET):
+                rules.deny(errno.EPROTOTYPE, "socketpair", rules.arg(0, "eq", _AF_UNIX),
+                           rules.arg(1, "masked_eq", 0xF, sock_type))
+    else:
+        families = [_AF_UNIX] if network == "unix" else [_AF_UNIX, _AF_INET, _AF_INET6]
+        for cmp in _outside(rules, 0, families):
+            rules.deny(errno.EAFNOSUPPORT, "socket", cmp)
     # socketpair creates sockets without socket(): only AF_UNIX implements it usefully (TIPC does too).
     for cmp in _outside(rules, 0, [_AF_UNIX]):
         rules.deny(errno.EAFNOSUPPORT, "socketpair", cmp)

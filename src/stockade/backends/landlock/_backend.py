@@ -107,7 +107,7 @@ def probe() -> str | None:
     try:
         from ...linux import seccomp
 
-        seccomp.compile_bpf(seccomp.default_profile("unix"))
+        seccomp.compile_bpf(seccomp.default_profile(seccomp_network()))
     except Exception as exc:
         return f"cannot build the seccomp filter ({exc}); apt-get install libseccomp2"
     if not os.path.isdir("/proc/self"):

@@ -132,9 +132,12 @@ def session_ruleset(paths: SessionPaths, *, connect_port: int | None = None) -> 
 
 
 def seccomp_network(connect_port: int | None = None) -> NetworkFamilies:
-    """Socket families the session may create: unix only under deny-all (so UDP, raw, netlink, packet and
-    vsock are refused, and TCP too before Landlock's ABI 4); TCP and unix when a gateway port is allowed."""
-    return "unix" if connect_port is None else "inet_tcp"
+    """Socket families the session may create: under deny-all only connected unix pairs (``socketpair``), so
+    UDP, raw, netlink, packet, vsock and TCP are refused, and so is every unix socket that could be connected
+    to a path or abstract name: Landlock controls ``connect()`` to a host daemon's pathname socket only from
+    ABI 9 (not used here yet), and a guest running with the caller's uid would reach whatever that uid may
+    (``docker.sock`` for a member of the docker group). TCP and unix when a gateway port is allowed."""
+    return "pair" if connect_port is None else "inet_tcp"
 
 
 def translate(path: str, mounts: tuple[MountPlan, ...]) -> str:

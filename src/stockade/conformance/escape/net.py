@@ -187,13 +187,15 @@ for name, args in attempts.items():
         continue
     out[name] = "created"
     s.close()
-def control(family):
+def control(make):
     try:
-        socket.socket(family, socket.SOCK_STREAM).close()
+        for s in make():
+            s.close()
         return "ok"
     except OSError as e:
         return "error: " + str(e)
-emit({"sockets": out, "control": control(socket.AF_INET), "control_unix": control(socket.AF_UNIX)})
+emit({"sockets": out, "control": control(lambda: [socket.socket(socket.AF_INET, socket.SOCK_STREAM)]),
+      "control_pair": control(socket.socketpair)})
 """
 
 
@@ -202,7 +204,7 @@ async def raw_packet_icmp(ctx: CaseContext) -> Finding:
     """No raw or packet socket can be created under deny-all, nor those or an ICMP (ping) socket under a
     limited policy where the backend offers one; an ordinary TCP socket can (control). A backend without a
     private loopback (``private_loopback`` false) refuses every IP socket under deny-all, ping sockets included
-    (they would use the host's network); its control there is a unix socket."""
+    (they would use the host's network); its control there is a socketpair."""
     own_loopback = ctx.caps.private_loopback
     specs = [("deny-all", await _deny_all(ctx))]
     if ctx.caps.network_policy:
@@ -219,8 +221,8 @@ async def raw_packet_icmp(ctx: CaseContext) -> Finding:
         created[label] = [n for n, o in seen[label].items()
                           if o == "created" and (label != "deny-all" or "(ping)" not in n or not own_loopback)]
         if label == "deny-all" and not own_loopback:
-            if found.get("control_unix") != "ok":
-                return overrefused(f"not even a unix socket can be created ({label}): {found.get('control_unix')}")
+            if found.get("control_pair") != "ok":
+                return overrefused(f"not even a socketpair can be created ({label}): {found.get('control_pair')}")
         elif found.get("control") != "ok":
             return overrefused(f"an ordinary TCP socket cannot be created ({label}): {found.get('control')}")
         require(bool(seen[label]), "the socket probe did not run", result)
@@ -369,9 +371,9 @@ async def guest_local_admitted(ctx: CaseContext) -> Finding:
         found, _result = await run_py(ctx, session.id, _LOCAL, "v6" if _v6() else "v4", scratch(ctx))
     local: dict[str, str] = found.get("local", {})
     broken = {k: v for k, v in local.items() if v != "pong"}
-    ip_only = all(not k.startswith("unix") for k in broken)
-    if broken and local and ip_only:
-        declared = declared_absent(ctx, "private_loopback", f"unix sockets work, IP loopback refused: {broken}")
+    if broken and local:
+        declared = declared_absent(ctx, "private_loopback", f"refused: {broken}; working: "
+                                   f"{sorted(set(local) - set(broken)) or 'none'}")
         if declared is not None:
             return declared
     if broken or not local:
