@@ -236,8 +236,10 @@ class Exec:
             return
         self._close_fd("status_r")
         if not self.runner_reaped:
+            # Not waited for: the runner has reported and only its own exit is left (tearing down a forked
+            # copy of the agent takes about a millisecond); the agent, pid 1, reaps it on SIGCHLD.
             try:
-                os.waitpid(self.runner, 0)
+                os.waitpid(self.runner, os.WNOHANG)
             except ChildProcessError:
                 pass
         self.status = data.decode() if data else "T"
