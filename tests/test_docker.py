@@ -31,6 +31,7 @@ from stockade import (
     Unsupported,
 )
 from stockade.backends.docker import DockerBackend
+from stockade.backends.docker._host import helper_processes
 from stockade.backends.docker._seccomp import profile_dict
 
 
@@ -365,6 +366,62 @@ def test_gvisor_snapshot_keeps_a_running_process(gvisor: DockerBackend) -> None:
     assert not later.timed_out and int(later.stdout) > first
     # The counter is the snapshot's own process, continued: not restarted from 1.
     assert before_snapshot >= 3 and first >= before_snapshot
+
+
+def test_gvisor_snapshots_one_session_twice(gvisor: DockerBackend) -> None:
+    # Checkpointing a container that was itself restored (the session after its first snapshot, or a clone)
+    # used to leave containerd's task behind: the restart failed with "id already in use".
+    sid = provision(gvisor)
+    # `phase` lives only in the shell's memory: it moves on when /tmp/bump appears, and a restarted process
+    # would start again at phase 0 and i=0.
+    looper = ('phase=0; i=0; while :; do i=$((i+1)); if [ -e /tmp/bump ]; then rm -f /tmp/bump; '
+              'phase=$((phase+1)); fi; echo "$phase $i" > /tmp/state.new; mv /tmp/state.new /tmp/state; '
+              'sleep 0.1; done')
+    sh(gvisor, sid, f"({looper}) </dev/null >/dev/null 2>&1 &")
+
+    def state(session: str, wait_phase: int, past: int = 0) -> tuple[int, int]:
+        # Waits (bounded by the exec timeout, not asserted on time) until the loop shows the phase and a count
+        # beyond `past`.
+        out = sh(gvisor, session, f'while :; do set -- $(cat /tmp/state 2>/dev/null); [ "$1" = {wait_phase} ] && '
+                                  f'[ "${{2:-0}}" -gt {past} ] && break; sleep 0.1; done; cat /tmp/state', timeout=30)
+        assert not out.timed_out, out
+        phase, count = out.stdout.split()
+        return int(phase), int(count)
+
+    before_first = state(sid, 0, 2)[1]
+    first = anyio.run(gvisor.snapshot, sid)
+    # The session runs on after the first snapshot, survives a suspend/resume, and is snapshotted again.
+    assert anyio.run(gvisor.suspend, sid).state == SandboxState.SUSPENDED
+    assert anyio.run(gvisor.resume, sid).state == SandboxState.RUNNING
+    sh(gvisor, sid, "touch /tmp/bump")
+    before_second = state(sid, 1)[1]
+    second = anyio.run(gvisor.snapshot, sid)
+    third = anyio.run(gvisor.snapshot, sid)  # and a third, back to back
+    assert state(sid, 1, before_second)[1] > before_second  # the source still counts in phase 1
+    container = gvisor._record(sid)["container"]
+    assert list(gvisor._checkpoint_root(container).glob("*")) == []  # the engine kept no checkpoint copy
+    anyio.run(gvisor.terminate, sid)
+
+    containers = []
+    for snap, phase, floor in ((first, 0, before_first), (second, 1, before_second), (third, 1, before_second)):
+        clone = provision(gvisor, from_snapshot=snap.snapshot_id)
+        containers.append(gvisor._record(clone)["container"])
+        got_phase, count = state(clone, phase)
+        assert (got_phase, count >= floor) == (phase, True)  # continued, not restarted
+        assert state(clone, phase, count)[1] > count
+        if snap is first:
+            # A restored session can be snapshotted too, and that snapshot restores as well.
+            again = anyio.run(gvisor.snapshot, clone)
+            sh(gvisor, clone, "touch /tmp/bump")
+            assert state(clone, 1)[0] == 1
+            grandchild = provision(gvisor, from_snapshot=again.snapshot_id)
+            containers.append(gvisor._record(grandchild)["container"])
+            assert state(grandchild, 0, count)[0] == 0
+            anyio.run(gvisor.terminate, grandchild)
+        anyio.run(gvisor.terminate, clone)
+    # Nothing of those containers is left on the host (a stuck task kept its containerd shim running).
+    shims = [c for c in [container, *containers] if helper_processes("containerd-shim", "-id", c)]
+    assert shims == []
 
 
 def test_gvisor_refuses_snapshot_of_process_holding_exec_stdio(gvisor: DockerBackend) -> None:

@@ -64,7 +64,7 @@ from ...models import (
 )
 from .._archive import restore_filter
 from ._engine import Engine, EngineNotFound, ExecOutcome, default_base_url
-from ._host import check_source, chown_tree, oom_kills
+from ._host import check_source, chown_tree, helper_processes, kill_and_wait, oom_kills
 from ._kill import GUEST_KILLER, host_kill_tree
 from ._seccomp import profile_json
 from ._store import Store, default_state_root
@@ -103,12 +103,13 @@ def _probe(engine_name: str, base_url: str) -> str | None:
     try:
         import docker  # noqa: F401
     except ImportError:
-        return f"the Python package 'docker' is missing: pip install 'stockade[{engine_name}]'"
+        return "the Python package 'docker' is missing: pip install 'stockade[docker]'"  # podman's client too
     engine = Engine(base_url, engine_name, timeout=5)
     try:
         engine.ping()
     except Exception as exc:
-        return f"cannot reach the {engine_name} engine at {base_url} ({exc}); start it or set DOCKER_HOST"
+        where = "STOCKADE_PODMAN_HOST" if engine_name == "podman" else "DOCKER_HOST"
+        return f"cannot reach the {engine_name} engine at {base_url} ({exc}); start it or set {where}"
     finally:
         engine.close()
     return None
@@ -545,7 +546,10 @@ class DockerBackend(SandboxBackend):
         def on_timeout(info: dict[str, Any]) -> None:
             self._kill_exec(record, info, token)
 
-        out = self.engine.exec_run(exec_id, stdin=stdin, deadline=deadline, limit=limit, on_timeout=on_timeout)
+        try:
+            out = self.engine.exec_run(exec_id, stdin=stdin, deadline=deadline, limit=limit, on_timeout=on_timeout)
+        finally:
+            self._exec_done(exec_id)
         text = out.stdout.decode(errors="replace")
         if out.pid == 0 and out.exit_code in (126, 127) and "exec failed" in text:
             # The runtime could not start the process at all; its message arrives on stdout.
@@ -687,7 +691,23 @@ class DockerBackend(SandboxBackend):
             self._capture_dirs(record, target / "files.tar.gz")
         finally:
             # Continue the session from the state just saved (gVisor cannot checkpoint and keep running).
+            self._release_stopped_task(container)
             self._start_from_checkpoint(container, None, name)
+
+    def _release_stopped_task(self, container: str) -> None:
+        """Let containerd forget the task a checkpoint stopped, so the same container can start again.
+
+        Checkpointing a container that was itself restored from a checkpoint leaves runsc's state at "paused"
+        with its sandbox gone; containerd's (unforced) delete is then refused, the shim keeps the stopped task,
+        and the next start of that container id fails with "id already in use". A shim that dies is cleaned up
+        by containerd with a forced delete, which is what happens on its own after the first checkpoint.
+        """
+        if not self.engine.is_local():
+            return  # the shim is not ours to see (checkpoints need a local engine anyway)
+        state = self._state({"container": container})
+        if state is None or state.get("Running"):
+            return
+        kill_and_wait(helper_processes("containerd-shim", "-id", container))
 
     def _checkpoint_root(self, container: str) -> Path:
         root = self.engine.info().get("DockerRootDir")
@@ -704,13 +724,18 @@ class DockerBackend(SandboxBackend):
             dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             shutil.copytree(source, dest)
         assert name is not None
-        try:
-            self.engine.start(container, checkpoint=name)
-        except LifecycleError as exc:
-            # Docker leaves the upload of a failed restore in containerd's content store; the retry succeeds.
-            if "already exists" not in str(exc):
-                raise
-            self.engine.start(container, checkpoint=name)
+        for attempt in range(3):
+            try:
+                self.engine.start(container, checkpoint=name)
+                break
+            except LifecycleError as exc:
+                # Docker leaves the upload of a failed restore in containerd's content store, and containerd
+                # may still be cleaning up the task of a shim that just died; a retry succeeds.
+                if attempt == 2 or not ("already exists" in str(exc) or "already in use" in str(exc)):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        # The engine's copy is no longer needed once the sandbox runs (the snapshot keeps its own).
+        self.engine.checkpoint_delete(container, name)
 
     def _load_snapshot(self, snapshot_id: str) -> dict[str, Any]:
         validate_session_id(snapshot_id, "from_snapshot")
@@ -810,8 +835,22 @@ class DockerBackend(SandboxBackend):
         await anyio.to_thread.run_sync(self._terminate_blocking, record)
 
     def _terminate_blocking(self, record: dict[str, Any]) -> None:
-        self.engine.remove(record["container"])  # kills every process and removes anonymous volumes
+        self._remove_container(record["container"])
         self.store.remove_session(record["id"])
+
+    def _remove_container(self, container: str) -> None:
+        self.engine.remove(container)  # kills every process and removes anonymous volumes
+        # What the engine started for this container on the host and left running (a stuck containerd shim;
+        # Podman's exec monitors) goes too, so nothing the session started outlives it.
+        if self.engine.is_local():
+            kill_and_wait(self._host_helpers(container))
+
+    def _exec_done(self, exec_id: str) -> None:
+        """Called once an exec's outcome has been read (Docker's engine needs nothing here)."""
+
+    def _host_helpers(self, container: str) -> list[int]:
+        """Host processes the engine runs on behalf of ``container`` (local engine only)."""
+        return helper_processes("containerd-shim", "-id", container)
 
     def gc(self) -> list[str]:
         """Remove what crashed callers left: containers labelled with this state directory but without a
@@ -826,11 +865,12 @@ class DockerBackend(SandboxBackend):
         for container in self.engine.list_labelled(f"{LABEL_STATE}={self.store.root}"):
             session_id = (container.get("Labels") or {}).get(LABEL_SESSION, "")
             if self.store.read(session_id) is None and not self.store.session_terminating(session_id):
-                self.engine.remove(container["Id"])
+                self._remove_container(container["Id"])
                 reaped.append(session_id)
         for session_id in self.store.ids():
             record = self.store.read(session_id)
             if record is not None and record.get("backend") == self.name and self._state(record) is None:
+                self._remove_container(record["container"])  # gone from the engine; its helpers may not be
                 self.store.remove_session(session_id)
                 reaped.append(session_id)
         return reaped

@@ -83,13 +83,17 @@ class Engine:
                 import docker
             except ImportError as exc:
                 raise BackendUnavailable(
-                    self.backend, f"the Python package 'docker' is missing; pip install 'stockade[{self.backend}]'"
+                    self.backend, "the Python package 'docker' is missing; pip install 'stockade[docker]'"
                 ) from exc
             with _mapped(self.backend, "connect"):
                 # A fixed API version: "auto" would cost a round trip per client, and 1.41 is what both
                 # Docker 20.10 and Podman 4's compatibility API speak.
                 self._client = docker.APIClient(base_url=self.base_url, version="1.41", timeout=int(self.timeout))
         return self._client
+
+    def is_local(self) -> bool:
+        """Whether the engine runs on this host (a unix socket), so its processes are ours to see."""
+        return self.base_url.startswith(("unix://", "http+unix://"))
 
     def close(self) -> None:
         if self._client is not None:
@@ -169,6 +173,13 @@ class Engine:
             res = api._post_json(
                 api._url("/containers/{0}/checkpoints", container), data={"CheckpointID": name, "Exit": True}
             )
+            api._raise_for_status(res)
+
+    def checkpoint_delete(self, container: str, name: str) -> None:
+        """Remove the engine's copy of a checkpoint (a memory image as large as the guest's memory)."""
+        api = self.api
+        with contextlib.suppress(EngineNotFound), _mapped(self.backend, "delete checkpoint"):
+            res = api._delete(api._url("/containers/{0}/checkpoints/{1}", container, name))
             api._raise_for_status(res)
 
     # ------------------------------------------------------------------------------------------ exec

@@ -1,17 +1,19 @@
-"""Host-side helpers for a local engine: mount-source checks, OOM counters of a container's cgroup, and the
-session directories handed to the guest uid."""
+"""Host-side helpers for a local engine: mount-source checks, OOM counters of a container's cgroup, the
+session directories handed to the guest uid, and the engine's per-container helper processes."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import stat
+import time
 from pathlib import Path
 
 from ...errors import InvalidRequest
 from ...models import FilesystemMount
 
-__all__ = ["check_source", "chown_tree", "oom_kills"]
+__all__ = ["check_source", "chown_tree", "helper_processes", "kill_and_wait", "oom_kills"]
 
 
 def check_source(mount: FilesystemMount, index: int) -> None:
@@ -75,3 +77,39 @@ def _keyed(path: Path, key: str) -> int | None:
             with contextlib.suppress(ValueError):
                 return int(value)
     return None
+
+
+def helper_processes(prefix: str, flag: str, container: str) -> list[int]:
+    """Host pids of processes whose program name starts with ``prefix`` and whose argv holds ``flag container``
+    (how containerd's shims and Podman's conmon name the container they serve)."""
+    want = [flag.encode(), container.encode()]
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if os.path.basename(argv[0]).startswith(prefix.encode()) and any(
+            argv[i : i + 2] == want for i in range(1, len(argv) - 1)
+        ):
+            found.append(int(entry))
+    return found
+
+
+def kill_and_wait(pids: list[int], wait: float = 5.0) -> None:
+    """SIGKILL ``pids`` and wait until each is gone or a zombie (their parent may reap them late)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                stat_line = Path(f"/proc/{pid}/stat").read_bytes()
+            except OSError:
+                break
+            if stat_line[stat_line.rfind(b")") + 2 :].startswith(b"Z"):
+                break
+            time.sleep(0.002)

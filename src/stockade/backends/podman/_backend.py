@@ -4,7 +4,8 @@ Where it differs from the docker backend: the engine's init (catatonit, Debian p
 mounted at ``/run/podman-init`` and wraps each exec (it makes itself a child subreaper when it is not pid 1), and
 only runc is offered: Podman's checkpoints need CRIU, which does not work on every kernel, so snapshots keep
 files only (``memory_snapshot`` is false). The seccomp profile is handed over as a file in the state directory
-(Podman reads ``seccomp=`` as a path).
+(Podman reads ``seccomp=`` as a path). With a local service, the host's ``conmon`` monitors of each exec are
+ended once its exit code is read, and any left for the container at ``terminate`` / ``gc``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 
 from ..docker._backend import DockerBackend, _probe
 from ..docker._engine import default_base_url
+from ..docker._host import helper_processes, kill_and_wait
 from ..docker._seccomp import profile_json
 
 __all__ = ["PodmanBackend", "probe"]
@@ -45,3 +47,16 @@ class PodmanBackend(DockerBackend):
             tmp.write_text(text)
             os.replace(tmp, path)
         return f"seccomp={path}"
+
+    def _exec_done(self, exec_id: str) -> None:
+        # Each exec's two conmon processes wait containers.conf's exit_command_delay (default 300 s, to keep the
+        # exec inspectable as Docker does) before running their exit command; at 0 the exec is forgotten
+        # before its exit code can be read. The exit code is read by now, so they are ended here (conmon names
+        # the exec with -u); the exec's leftovers go with the container.
+        if self.engine.is_local():
+            kill_and_wait(helper_processes("conmon", "-u", exec_id))
+
+    def _host_helpers(self, container: str) -> list[int]:
+        # Whatever conmon is still there once the container is removed (an exec whose caller died before
+        # _exec_done); conmon names its container with -c.
+        return helper_processes("conmon", "-c", container)
