@@ -169,16 +169,34 @@ def test_seccomp_json_mirrors_the_rule_list() -> None:
     assert clone3["errnoRet"] == 38  # ENOSYS, so libc falls back to the filtered clone
 
 
-def test_network_deny_all_only(backend: DockerBackend) -> None:
-    with pytest.raises(Unsupported):
-        provision(backend, network_policy={"mode": "limited", "allowed_hosts": ["example.com"]})
-    with pytest.raises(Unsupported):
-        provision(backend, network_policy={"mode": "unrestricted"})
-    sid = provision(backend)  # admitted: deny-all, with only loopback inside
+def test_network_deny_all_has_only_loopback_and_no_live_mounts(backend: DockerBackend) -> None:
+    sid = provision(backend)  # deny-all, with only loopback inside
     out = sh(backend, sid, "ls /sys/class/net")
     assert out.stdout.split() == ["lo"]
+    assert "gateway_pid" not in anyio.run(backend.get_session, sid).metadata  # no gateway for deny-all
     with pytest.raises(Unsupported):
         anyio.run(backend.attach_filesystem, sid, FilesystemMount(source="/var/tmp", target="/mnt/x"))
+
+
+def test_egress_gateway_on_runc_refused_under_gvisor(backend: DockerBackend, gvisor: DockerBackend) -> None:
+    """runc sessions get the egress gateway (the contract suite measures what it lets through); gVisor keeps
+    its own network stack, so there limited and unrestricted are refused, never run as deny-all or open."""
+    assert backend.capabilities().network_policy and backend.capabilities().egress_log
+    sid = provision(backend, network_policy={"mode": "limited", "allowed_hosts": ["example.com"]})
+    session = anyio.run(backend.get_session, sid)
+    assert session.metadata["gateway"] == "running"
+    env = sh(backend, sid, "echo $HTTPS_PROXY; cat /etc/resolv.conf").stdout
+    assert "127.0.0.1:3128" in env and "nameserver 127.0.0.53" in env
+    gateway_pid = int(session.metadata["gateway_pid"])
+    anyio.run(backend.terminate, sid)
+    assert not Path(f"/proc/{gateway_pid}").exists() or "stockade.gateway" not in Path(
+        f"/proc/{gateway_pid}/cmdline").read_bytes().decode(errors="replace")
+    caps = gvisor.capabilities()
+    assert not (caps.network_policy or caps.network_unrestricted or caps.egress_log)
+    with pytest.raises(Unsupported, match="gVisor"):
+        provision(gvisor, network_policy={"mode": "limited", "allowed_hosts": ["example.com"]})
+    with pytest.raises(Unsupported):
+        provision(gvisor, network_policy={"mode": "unrestricted"})
 
 
 # ------------------------------------------------------------------------------------------------- exec

@@ -7,9 +7,11 @@ Where it differs from the contract's documentation (``stockade.backend``):
   with no capabilities, ``no-new-privileges`` and stockade's seccomp filter. The image needs ``/bin/sh`` and
   ``sleep`` (and ``tar`` for file snapshots). The container's own processes (its init and ``sleep``) run as
   another uid, :data:`INIT_UID`, so a command can neither signal them nor read their ``/proc`` entries.
-- Network: deny-all only (``NetworkMode: none``, loopback only). ``limited`` and ``unrestricted`` raise
-  ``Unsupported``: the egress gateway's unix-socket bridge is not wired into containers yet (it would be
-  bind-mounted like the canonical mounts, with a forwarder on the container's loopback).
+- Network: the container has its own namespace with loopback only (``NetworkMode: none``). With runc, a
+  local engine and root, ``limited`` and ``unrestricted`` go through the bwrap backend's egress gateway,
+  plumbed into that namespace (docs/network.md): proxies, DNS stub, the NAT rule, live policy updates, the
+  log. Under gVisor (its own network stack) or without root they raise ``Unsupported``.
+- Read-only directory mounts are sealed overlay volumes where the engine is a local Docker (see ``_sealed``).
 - Live mounts (``attach_filesystem``) raise ``Unsupported``.
 - Snapshots: with runc they keep files (``/tmp``, outputs, memory, session-owned mounts); with gVisor they
   keep the running processes too (``docker checkpoint``; ``capabilities().memory_snapshot``), and a session
@@ -30,7 +32,9 @@ import re
 import secrets
 import shutil
 import tarfile
+import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +47,7 @@ from ...errors import (
     ExecError,
     InvalidRequest,
     LifecycleError,
+    NetworkPolicyError,
     SessionNotFound,
     Unsupported,
 )
@@ -63,6 +68,8 @@ from ...models import (
     validate_session_id,
 )
 from .._archive import restore_filter
+from ..bwrap._network import GatewayHandle, find_tool, gateway_policy_json, proxy_env, start_gateway
+from ..bwrap._store import record_lock
 from ._engine import Engine, EngineNotFound, ExecOutcome, default_base_url
 from ._host import check_source, chown_tree, helper_processes, kill_and_wait, oom_kills
 from ._kill import GUEST_KILLER, host_kill_tree
@@ -145,6 +152,9 @@ class DockerBackend(SandboxBackend):
         default_tmp_mb: int = DEFAULT_TMP_MB,
         output_limit_bytes: int = DEFAULT_OUTPUT_LIMIT,
         engine_timeout: float = 120.0,
+        resolve: Mapping[str, str | Sequence[str]] | None = None,
+        dns_upstream: str | None = None,
+        public_overrides: Sequence[str] = (),
     ) -> None:
         if runtime not in ("runc", "runsc"):
             raise InvalidRequest(f"must be 'runc' or 'runsc', not {runtime!r}", field="runtime")
@@ -158,17 +168,34 @@ class DockerBackend(SandboxBackend):
         self.output_limit_bytes = output_limit_bytes
         self._runtime_checked = False
         self._exec_init: Path | None = None
+        # The egress gateway's test and deployment hooks, as on bwrap (docs/network.md).
+        self.resolve = {k: [v] if isinstance(v, str) else list(v) for k, v in (resolve or {}).items()}
+        self.dns_upstream = dns_upstream
+        self.public_overrides = list(public_overrides)
 
     async def aclose(self) -> None:
         self.engine.close()
 
     # ------------------------------------------------------------------------------------------ capabilities
 
+    def _no_egress_reason(self) -> str | None:
+        """Why ``limited``/``unrestricted`` cannot be enforced here, or None when the gateway can be wired in."""
+        if self.runtime != "runc":
+            return "gVisor keeps its own network stack, which the egress gateway cannot be plumbed into"
+        if not self.engine.is_local() or os.geteuid() != 0:
+            return ("the egress gateway is plumbed into the container's network namespace from this host, which "
+                    "needs a local engine and root")
+        missing = [tool for tool in ("nft", "ip") if find_tool(tool) is None]
+        if missing:
+            return f"the egress gateway needs {' and '.join(missing)} (Debian: nftables, iproute2)"
+        return None
+
     def capabilities(self) -> SandboxCapabilities:
         gvisor = self.runtime == "runsc"
+        egress = self._no_egress_reason() is None
         return SandboxCapabilities(
             local_process_sandbox=False,
-            network_policy=False,
+            network_policy=egress,
             snapshot=True,
             resume=True,
             suspend_on_idle=False,
@@ -181,8 +208,8 @@ class DockerBackend(SandboxBackend):
             pids_limit=not gvisor,
             cpu_limit=True,
             network_deny_all=True,
-            network_unrestricted=False,
-            egress_log=False,
+            network_unrestricted=egress,
+            egress_log=egress,
             exec_streaming=False,
             persistent_sessions=True,
         )
@@ -190,11 +217,9 @@ class DockerBackend(SandboxBackend):
     # ------------------------------------------------------------------------------------------- provision
 
     async def provision(self, spec: SandboxSpec) -> SandboxSession:
+        if not spec.network_policy.denies_all and (reason := self._no_egress_reason()) is not None:
+            raise Unsupported(self.name, "network_policy", reason)  # the specific reason, before the generic one
         self.refuse_gaps(spec)
-        if not spec.network_policy.denies_all:
-            raise Unsupported(
-                self.name, "network_policy", "only deny-all networking is enforced so far (no egress gateway yet)"
-            )
         for index, mount in enumerate(spec.mounts):
             check_source(mount, index)
         session_id = spec.session_id or secrets.token_hex(16)
@@ -226,6 +251,7 @@ class DockerBackend(SandboxBackend):
         except FileExistsError:
             raise InvalidRequest(f"a session with id {session_id!r} already exists", field="session_id") from None
         container_id: str | None = None
+        gateway: GatewayHandle | None = None
         try:
             mounts, owned = self._prepare_dirs(spec, sdir)
             if manifest is not None:
@@ -240,6 +266,8 @@ class DockerBackend(SandboxBackend):
             state = self.engine.inspect(container_id)["State"]
             if not state.get("Running"):
                 raise LifecycleError(f"the container exited at once: {state.get('Error') or state}")
+            if not spec.network_policy.denies_all:
+                gateway = self._start_gateway(session_id, int(state["Pid"]), spec.network_policy)
             record = {
                 "id": session_id,
                 "backend": self.name,
@@ -255,12 +283,17 @@ class DockerBackend(SandboxBackend):
                 "owned_mounts": owned,
                 "from_snapshot": spec.from_snapshot,
                 "exec_init": EXEC_INIT if exec_init is not None else None,
+                "network_policy": spec.network_policy.to_json(),
+                "gateway": gateway.data if gateway is not None else None,
+                "gateway_failures": [],
             }
             if manifest is not None and manifest["keeps"] == "files":
                 self._restore_tmp(record, Path(manifest["path"]) / "tmp.tar")
             self.store.write(session_id, record)
             return self._session_from(record, state)
         except BaseException:
+            if gateway is not None:
+                gateway.stop()
             if container_id is not None:
                 with contextlib.suppress(Exception):
                     self.engine.remove(container_id)
@@ -284,6 +317,12 @@ class DockerBackend(SandboxBackend):
                 source = str(owned_dir)
                 owned.append(mount.target)
             mounts.append(_bind(source, mount.target, read_only=mount.access == FilesystemAccess.READ_ONLY))
+        if self._no_egress_reason() is None:
+            # The gateway's DNS stub answers in the container's own namespace (also once a deny-all session is
+            # widened live), never the host's resolver.
+            resolv = sdir / "resolv.conf"
+            resolv.write_text("nameserver 127.0.0.53\noptions ndots:0\n")
+            mounts.append(_bind(str(resolv), "/etc/resolv.conf", read_only=True))
         # The guest runs as GUEST_UID: the directories the session owns are its to write (where bound rw).
         for path in [outputs, memory, *(Path(m["Source"]) for m in mounts if m["Target"] in owned)]:
             chown_tree(path, GUEST_UID, GUEST_UID)
@@ -323,6 +362,42 @@ class DockerBackend(SandboxBackend):
         self._exec_init = dest
         return dest
 
+    def _sealed(self, mount: dict[str, Any], session_id: str) -> dict[str, Any]:
+        """A read-only directory bind of the spec as a sealed overlay volume, where the engine can make one.
+
+        ``connect()`` ignores a bind's read-only flag, so a host daemon's unix socket in the directory would answer
+        the guest (escape.net.unix_in_ro_mount). Docker's local volume driver can mount an overlayfs instead,
+        whose lower layers are the source and an empty directory: the socket there is the overlay's inode, which
+        no listener is bound to. Only for Docker (Podman's compatible API ignores the driver options of an inline
+        volume) and a local engine (the empty layer is a directory of this host), and only for paths the
+        overlay's option string can carry; anything else stays a plain read-only bind.
+        """
+        source = mount["Source"]
+        if (
+            not mount["ReadOnly"]
+            or mount["Target"] in (MEMORY_MOUNT, EXEC_INIT)
+            or self.engine_name != "docker"
+            or not self.engine.is_local()
+            or not os.path.isdir(source)
+            or any(c in source for c in ":,\\\n")
+        ):
+            return mount
+        empty = self.store.session_dir(session_id) / "sealed-empty"
+        empty.mkdir(mode=0o555, exist_ok=True)
+        # Anonymous (removed with the container), so the engine refuses ReadOnly on the mount: the overlay is
+        # read-only itself ("ro", and an overlay without an upper layer cannot be written anyway).
+        return {
+            "Type": "volume",
+            "Target": mount["Target"],
+            "VolumeOptions": {
+                "NoCopy": True,
+                "DriverConfig": {
+                    "Name": "local",
+                    "Options": {"type": "overlay", "device": "overlay", "o": f"ro,lowerdir={source}:{empty}"},
+                },
+            },
+        }
+
     def _container_config(
         self, spec: SandboxSpec, session_id: str, mounts: list[dict[str, Any]], exec_init: Path | None = None
     ) -> dict[str, Any]:
@@ -330,6 +405,7 @@ class DockerBackend(SandboxBackend):
         tmp_mb = limits.tmp_mb or self.default_tmp_mb
         if exec_init is not None:
             mounts = [*mounts, _bind(str(exec_init), EXEC_INIT, read_only=True)]
+        mounts = [self._sealed(m, session_id) for m in mounts]
         host: dict[str, Any] = {
             "Init": True,
             "Runtime": self.runtime,
@@ -343,6 +419,9 @@ class DockerBackend(SandboxBackend):
             "ShmSize": tmp_mb << 20,  # /dev/shm is guest-writable memory too: bounded like /tmp
             "RestartPolicy": {"Name": "no"},
         }
+        if self.runtime == "runc":
+            # Docker opens unprivileged ICMP ("ping") sockets to every group of a container; no guest gets them.
+            host["Sysctls"] = {"net.ipv4.ping_group_range": "1 0"}
         if limits.memory_mb is not None:
             host["Memory"] = limits.memory_mb << 20
             host["MemorySwap"] = limits.memory_mb << 20  # no swap: the limit is the limit
@@ -418,6 +497,12 @@ class DockerBackend(SandboxBackend):
             "state_dir": str(self.store.session_dir(record["id"])),
             "created": f"{record['created']:.3f}",
         }
+        if record.get("gateway"):
+            gateway = GatewayHandle(record["gateway"])
+            metadata["gateway_pid"] = str(gateway.pid)
+            metadata["gateway"] = "running" if gateway.alive() else "down (no egress; restarted on next use)"
+        if record.get("gateway_failures"):
+            metadata["gateway_failures"] = str(len(record["gateway_failures"]))
         session_state = SandboxState.RUNNING
         if state is not None and state.get("Paused"):
             session_state = SandboxState.SUSPENDED
@@ -477,7 +562,10 @@ class DockerBackend(SandboxBackend):
     def _exec_blocking(self, record: dict[str, Any], request: ExecRequest) -> ExecResult:
         spec = SandboxSpec.parse(record["spec"])
         state = self._running_state(record)
-        env = {**self._base_env(), **spec.env, **request.env}
+        if record.get("gateway"):
+            record = self._ensure_gateway(record)
+        proxies = proxy_env() if record.get("gateway") else {}
+        env = {**self._base_env(), **proxies, **spec.env, **request.env}
         token = secrets.token_hex(16)
         env["STOCKADE_EXEC_ID"] = token  # marks the exec's processes for the gVisor tree kill
         cwd = request.cwd or GUEST_HOME
@@ -587,9 +675,71 @@ class DockerBackend(SandboxBackend):
 
     async def apply_network_policy(self, session_id: str, policy: NetworkPolicy) -> SandboxSession:
         record = self._record(session_id)
-        if policy.denies_all and SandboxSpec.parse(record["spec"]).network_policy.denies_all:
-            return await self.get_session(session_id)
-        raise Unsupported(self.name, "apply_network_policy", "only deny-all networking is enforced so far")
+        if not policy.denies_all and (reason := self._no_egress_reason()) is not None:
+            raise Unsupported(self.name, "apply_network_policy", reason)
+        return await anyio.to_thread.run_sync(self._apply_policy_blocking, record, policy)
+
+    def _apply_policy_blocking(self, record: dict[str, Any], policy: NetworkPolicy) -> SandboxSession:
+        session_id = record["id"]
+        state = self._running_state(record)
+        with record_lock(self.store.session_dir(session_id)):
+            current = self.store.read(session_id)
+            if current is None:
+                raise SessionNotFound(session_id)
+            data = current.get("gateway")
+            if data and GatewayHandle(data).alive():
+                reply = GatewayHandle(data).control({"op": "policy", "policy": gateway_policy_json(policy)})
+                if not reply.get("ok"):
+                    error = reply.get("error") or {}
+                    raise NetworkPolicyError(f"the gateway refused the policy: {error.get('message', reply)}")
+            elif not policy.denies_all:
+                # First widening of a deny-all session, or a gateway that died: (re)start it on the new policy.
+                if data:
+                    current.setdefault("gateway_failures", []).append({"time": time.time(), "pid": data.get("pid")})
+                current["gateway"] = self._start_gateway(session_id, int(state["Pid"]), policy).data
+            current["network_policy"] = policy.to_json()
+            self.store.write(session_id, current)
+            return self._session_from(current, state)
+
+    async def network_log(self, session_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+        self._record(session_id)
+        if self._no_egress_reason() is not None:
+            raise Unsupported(self.name, "network_log", self._no_egress_reason() or "")
+        from ...gateway import audit
+
+        path = self.store.session_dir(session_id) / "gateway" / "audit.jsonl"
+        entries: list[dict[str, Any]] = await anyio.to_thread.run_sync(audit.read, path)
+        return entries[-limit:] if limit else entries
+
+    def _start_gateway(self, session_id: str, netns_pid: int, policy: NetworkPolicy) -> GatewayHandle:
+        """The bwrap backend's gateway (docs/network.md), plumbed into the container's network namespace."""
+        handle, proc = start_gateway(
+            session_id, self.store.session_dir(session_id), netns_pid, policy,
+            resolve=self.resolve, dns_upstream=self.dns_upstream, public_overrides=self.public_overrides,
+        )
+        # Detached: it exits by itself with the container's init (pidfd); reap it here if it does meanwhile.
+        threading.Thread(target=proc.wait, daemon=True).start()
+        return handle
+
+    def _ensure_gateway(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Fail closed, then recover, as on bwrap: a dead gateway is restarted on the recorded policy and the
+        failure recorded (``metadata["gateway_failures"]``)."""
+        data = record.get("gateway")
+        if not data or GatewayHandle(data).alive():
+            return record
+        state = self._running_state(record)
+        with record_lock(self.store.session_dir(record["id"])):
+            current = self.store.read(record["id"])
+            if current is None:
+                raise SessionNotFound(record["id"])
+            data = current.get("gateway")
+            if not data or GatewayHandle(data).alive():
+                return current
+            policy = NetworkPolicy.parse(current["network_policy"])
+            current["gateway"] = self._start_gateway(current["id"], int(state["Pid"]), policy).data
+            current.setdefault("gateway_failures", []).append({"time": time.time(), "pid": data.get("pid")})
+            self.store.write(current["id"], current)
+            return current
 
     # --------------------------------------------------------------------------------- snapshot and resume
 
@@ -835,6 +985,8 @@ class DockerBackend(SandboxBackend):
         await anyio.to_thread.run_sync(self._terminate_blocking, record)
 
     def _terminate_blocking(self, record: dict[str, Any]) -> None:
+        if record.get("gateway"):
+            GatewayHandle(record["gateway"]).stop()
         self._remove_container(record["container"])
         self.store.remove_session(record["id"])
 
