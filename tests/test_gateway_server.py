@@ -734,10 +734,9 @@ def test_unrestricted_still_refuses_non_public(tmp_path: Path) -> None:
 @pytest.fixture
 def splice_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Records what each relay direction's splice attempt returned (True: the kernel relayed it)."""
-    from stockade.gateway import server
+    from stockade.gateway.splice import splice_relay as real
 
     calls: list[bool] = []
-    real = server.splice_relay
 
     async def spy(*args: Any, **kwargs: Any) -> bool:
         # Appended when it returns; a relay still running when the test ends (cancelled) leaves no entry.
@@ -745,7 +744,7 @@ def splice_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
         calls.append(used)
         return used
 
-    monkeypatch.setattr(server, "splice_relay", spy)
+    monkeypatch.setattr("stockade.gateway.server.splice_relay", spy)
     return calls
 
 
