@@ -200,8 +200,11 @@ def _start_podman() -> PrivateDockerd:
     (root / "storage.conf").write_text(
         f'[storage]\ndriver = "overlay"\ngraphroot = "{root}/storage"\nrunroot = "{root}/run"\n'
     )
+    # Podman spools an image load through a temporary file in $TMPDIR (default /var/tmp) and leaves it there:
+    # keep it under the service's own directory, which goes at exit.
+    (root / "tmp").mkdir()
     env = {**os.environ, "CONTAINERS_CONF": str(root / "containers.conf"),
-           "CONTAINERS_STORAGE_CONF": str(root / "storage.conf")}
+           "CONTAINERS_STORAGE_CONF": str(root / "storage.conf"), "TMPDIR": str(root / "tmp")}
     log = open(root / "podman.log", "wb")  # noqa: SIM115 - handed to the service
     proc = subprocess.Popen(
         ["podman", "--root", str(root / "storage"), "--runroot", str(root / "run"), "--tmpdir", str(root / "tmp"),
