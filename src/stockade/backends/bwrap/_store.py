@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import shutil
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .. import _records as records
 
 __all__ = ["SessionStore", "default_state_root", "process_start_time"]
 
@@ -85,52 +84,20 @@ class SessionStore:
         return path
 
     def read(self, session_id: str) -> dict[str, Any] | None:
-        try:
-            data: dict[str, Any] = json.loads((self.session_dir(session_id) / "state.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return data
+        return records.read(self.session_dir(session_id) / "state.json")
 
     def write(self, session_id: str, record: dict[str, Any]) -> None:
-        directory = self.session_dir(session_id)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, directory / "state.json")
+        records.write(self.session_dir(session_id) / "state.json", record)
 
     def claim(self, session_id: str, *, again: bool = False) -> dict[str, Any] | None:
         """Take the session for termination (atomically: a rename), returning its record; None when another
         caller took it first or it does not exist. ``again`` re-takes one whose terminate never finished."""
         sdir = self.session_dir(session_id)
-        claimed = sdir / "state.terminating"
-        if not again:
-            try:
-                os.rename(sdir / "state.json", claimed)
-            except FileNotFoundError:
-                return None
-            # A rename keeps the provision-time mtime; terminating_ids() counts from the claim, so that gc
-            # never finishes a terminate that is still running in another process.
-            with contextlib.suppress(OSError):
-                os.utime(claimed)
-        try:
-            data: dict[str, Any] = json.loads(claimed.read_text())
-        except (OSError, ValueError):
-            return None
-        return data
+        return records.claim(sdir / "state.json", sdir / "state.terminating", again=again)
 
     def terminating_ids(self, older_than: float = 0.0) -> list[str]:
         """Sessions whose terminate began at least ``older_than`` seconds ago and never finished."""
-        now = time.time()
-        out = []
-        try:
-            entries = list(self.sessions.iterdir())
-        except OSError:
-            return []
-        for entry in entries:
-            with contextlib.suppress(OSError):
-                if now - (entry / "state.terminating").stat().st_mtime >= older_than:
-                    out.append(entry.name)
-        return sorted(out)
+        return records.claimed_since(self.sessions, "state.terminating", older_than)
 
     def ids(self) -> list[str]:
         """Ids of sessions (warm-pool sandboxes, which are nobody's session yet, excluded)."""

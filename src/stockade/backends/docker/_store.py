@@ -16,14 +16,12 @@ by a crashed process are found by label (:meth:`DockerBackend.gc`).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from .. import _records as records
 
 __all__ = ["Store", "default_state_root"]
 
@@ -56,53 +54,23 @@ class Store:
         return path
 
     def read(self, session_id: str) -> dict[str, Any] | None:
-        try:
-            data: dict[str, Any] = json.loads((self.session_dir(session_id) / "record.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return data
+        return records.read(self.session_dir(session_id) / "record.json")
 
     def write(self, session_id: str, record: dict[str, Any]) -> None:
-        directory = self.session_dir(session_id)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".record.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, directory / "record.json")
+        records.write(self.session_dir(session_id) / "record.json", record)
 
     def claim(self, session_id: str, *, again: bool = False) -> dict[str, Any] | None:
         """Take the session for termination (atomically: a rename), returning its record; None when another
         caller took it first or it does not exist. ``again`` re-takes one whose terminate never finished."""
         sdir = self.session_dir(session_id)
-        claimed = sdir / "record.terminating"
-        if not again:
-            try:
-                os.rename(sdir / "record.json", claimed)
-            except FileNotFoundError:
-                return None
-            with contextlib.suppress(OSError):
-                os.utime(claimed)  # a rename keeps the mtime: terminating_ids counts from the claim
-        try:
-            data: dict[str, Any] = json.loads(claimed.read_text())
-        except (OSError, ValueError):
-            return None
-        return data
+        return records.claim(sdir / "record.json", sdir / "record.terminating", again=again)
 
     def session_terminating(self, session_id: str) -> bool:
         return (self.session_dir(session_id) / "record.terminating").exists()
 
     def terminating_ids(self, older_than: float = 0.0) -> list[str]:
         """Sessions whose terminate began at least ``older_than`` seconds ago and never finished."""
-        now = time.time()
-        out = []
-        try:
-            entries = list(self.sessions.iterdir())
-        except OSError:
-            return []
-        for entry in entries:
-            with contextlib.suppress(OSError):
-                if now - (entry / "record.terminating").stat().st_mtime >= older_than:
-                    out.append(entry.name)
-        return sorted(out)
+        return records.claimed_since(self.sessions, "record.terminating", older_than)
 
     def ids(self) -> list[str]:
         try:

@@ -30,12 +30,12 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ...errors import BackendUnavailable
+from .. import _records as records
 
 __all__ = ["SessionStore", "default_state_root", "process_start_time", "remove_tree"]
 
@@ -126,18 +126,10 @@ class SessionStore:
         return path
 
     def read(self, session_id: str) -> dict[str, Any] | None:
-        try:
-            data: dict[str, Any] = json.loads((self.session_dir(session_id) / "state.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return data
+        return records.read(self.session_dir(session_id) / "state.json")
 
     def write(self, session_id: str, record: dict[str, Any]) -> None:
-        directory = self.session_dir(session_id)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, directory / "state.json")
+        records.write(self.session_dir(session_id) / "state.json", record)
 
     def ids(self) -> list[str]:
         out = []
