@@ -8,14 +8,16 @@ wins). The stores of ``bwrap``, ``docker`` and ``landlock`` differ only in the n
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["claim", "claimed_since", "read", "write"]
+__all__ = ["claim", "claimed_since", "read", "record_lock", "write"]
 
 
 def read(path: Path) -> dict[str, Any] | None:
@@ -63,3 +65,15 @@ def claimed_since(sessions: Path, claimed_name: str, older_than: float = 0.0) ->
             if now - (entry / claimed_name).stat().st_mtime >= older_than:
                 out.append(entry.name)
     return sorted(out)
+
+
+@contextlib.contextmanager
+def record_lock(session_dir: Path) -> Iterator[None]:
+    """Serialises read-modify-write updates of one session's record (across processes): live mounts, network
+    policy changes and gateway restarts each read, change and rewrite it."""
+    fd = os.open(session_dir / "record.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

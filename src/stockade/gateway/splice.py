@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import socket
 from collections.abc import Callable
@@ -112,8 +113,6 @@ async def splice_relay(
     try:
         dst_fd = os.dup(dst_sock.fileno())
         pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        import fcntl
-
         with contextlib.suppress(OSError):
             fcntl.fcntl(pipe_w, _F_SETPIPE_SZ, _CHUNK)
         flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK

@@ -65,12 +65,13 @@ from ...models import (
     validate_session_id,
 )
 from .._archive import restore_filter as _restore_filter
+from .._records import record_lock
 from ._client import AgentGone, request_frames, short_unix_path
 from ._launch import GUEST_HOME, GUEST_PATH, GuestMount, LaunchPlan, bwrap_argv, find_guest_python
 from ._mounts import attach_at_start, attach_live, live_mounts_reason, sealable
 from ._network import GatewayHandle, find_tool, gateway_policy_json, proxy_env, start_gateway
 from ._pool import POOL_PREFIX, WarmPool, owner_alive, poolable
-from ._store import SessionStore, default_state_root, process_start_time, record_lock
+from ._store import SessionStore, default_state_root, process_start_time
 
 __all__ = ["BwrapBackend", "probe"]
 

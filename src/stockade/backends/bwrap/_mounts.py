@@ -35,8 +35,9 @@ from typing import Any
 from ...errors import InvalidRequest, LifecycleError, SessionNotFound, Unsupported
 from ...linux import mounts as kernel
 from ...models import FilesystemAccess, FilesystemMount
+from .._records import record_lock
 from ._launch import GuestMount
-from ._store import SessionStore, process_start_time, record_lock
+from ._store import SessionStore, process_start_time
 
 __all__ = ["SYSTEM_PATHS", "attach_at_start", "attach_live", "check_target", "live_mounts_reason", "sealable"]
 
@@ -119,8 +120,7 @@ def attach_at_start(session_id: str, init_pid: int, mounts: list[GuestMount]) ->
     finally:
         os.close(owner)
         os.close(mnt)
-    return [r.target for r, m in zip(results, mounts, strict=True)
-            if m.access is FilesystemAccess.READ_ONLY and os.path.isdir(m.host_path) and not r.sealed]
+    return [r.target for r, m in zip(results, mounts, strict=True) if sealable(m) and not r.sealed]
 
 
 def _fail(exc: kernel.AttachFailed, mount: FilesystemMount, source: str) -> Exception:

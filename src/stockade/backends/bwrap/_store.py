@@ -13,11 +13,8 @@ Layout under the state root (0700)::
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +47,6 @@ def process_start_time(pid: int) -> int | None:
     if fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])
-
-
-@contextlib.contextmanager
-def record_lock(session_dir: Path) -> Iterator[None]:
-    """Serialises read-modify-write updates of one session's record (across processes): live mounts, network
-    policy changes and gateway restarts each read, change and rewrite it."""
-    fd = os.open(session_dir / "record.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 POOL_PREFIX = "stockade-pool-"  # ids of warm-pool sandboxes (see _pool)

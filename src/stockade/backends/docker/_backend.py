@@ -25,6 +25,7 @@ Where it differs from the contract's documentation (``stockade.backend``):
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -68,8 +69,8 @@ from ...models import (
     validate_session_id,
 )
 from .._archive import restore_filter
+from .._records import record_lock
 from ..bwrap._network import GatewayHandle, find_tool, gateway_policy_json, proxy_env, start_gateway
-from ..bwrap._store import record_lock
 from ._engine import Engine, EngineNotFound, ExecOutcome, default_base_url
 from ._host import check_source, chown_tree, helper_processes, kill_and_wait, oom_kills
 from ._kill import GUEST_KILLER, host_kill_tree
@@ -178,6 +179,11 @@ class DockerBackend(SandboxBackend):
 
     # ------------------------------------------------------------------------------------------ capabilities
 
+    @functools.cached_property
+    def _egress_blocker(self) -> str | None:
+        # Asked by capabilities(), provision and the network calls: fixed for an instance, so looked up once.
+        return self._no_egress_reason()
+
     def _no_egress_reason(self) -> str | None:
         """Why ``limited``/``unrestricted`` cannot be enforced here, or None when the gateway can be wired in."""
         if self.runtime != "runc":
@@ -192,7 +198,7 @@ class DockerBackend(SandboxBackend):
 
     def capabilities(self) -> SandboxCapabilities:
         gvisor = self.runtime == "runsc"
-        egress = self._no_egress_reason() is None
+        egress = self._egress_blocker is None
         return SandboxCapabilities(
             local_process_sandbox=False,
             network_policy=egress,
@@ -217,7 +223,7 @@ class DockerBackend(SandboxBackend):
     # ------------------------------------------------------------------------------------------- provision
 
     async def provision(self, spec: SandboxSpec) -> SandboxSession:
-        if not spec.network_policy.denies_all and (reason := self._no_egress_reason()) is not None:
+        if not spec.network_policy.denies_all and (reason := self._egress_blocker) is not None:
             raise Unsupported(self.name, "network_policy", reason)  # the specific reason, before the generic one
         self.refuse_gaps(spec)
         for index, mount in enumerate(spec.mounts):
@@ -317,7 +323,7 @@ class DockerBackend(SandboxBackend):
                 source = str(owned_dir)
                 owned.append(mount.target)
             mounts.append(_bind(source, mount.target, read_only=mount.access == FilesystemAccess.READ_ONLY))
-        if self._no_egress_reason() is None:
+        if self._egress_blocker is None:
             # The gateway's DNS stub answers in the container's own namespace (also once a deny-all session is
             # widened live), never the host's resolver.
             resolv = sdir / "resolv.conf"
@@ -675,7 +681,7 @@ class DockerBackend(SandboxBackend):
 
     async def apply_network_policy(self, session_id: str, policy: NetworkPolicy) -> SandboxSession:
         record = self._record(session_id)
-        if not policy.denies_all and (reason := self._no_egress_reason()) is not None:
+        if not policy.denies_all and (reason := self._egress_blocker) is not None:
             raise Unsupported(self.name, "apply_network_policy", reason)
         return await anyio.to_thread.run_sync(self._apply_policy_blocking, record, policy)
 
@@ -703,8 +709,8 @@ class DockerBackend(SandboxBackend):
 
     async def network_log(self, session_id: str, limit: int | None = None) -> list[dict[str, Any]]:
         self._record(session_id)
-        if self._no_egress_reason() is not None:
-            raise Unsupported(self.name, "network_log", self._no_egress_reason() or "")
+        if self._egress_blocker is not None:
+            raise Unsupported(self.name, "network_log", self._egress_blocker)
         from ...gateway import audit
 
         path = self.store.session_dir(session_id) / "gateway" / "audit.jsonl"
