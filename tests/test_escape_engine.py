@@ -7,6 +7,7 @@ host itself (reads, loopback connections, files in directories the case made) ar
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -286,10 +287,12 @@ def test_host_root_gate_recognises_an_unconfined_probe() -> None:
 
 
 class DeclaringBackend(FakeBackend):
-    """Runs on the host, but declares what it cannot isolate (process_isolation, private_loopback false)."""
+    """Runs on the host, but declares what it cannot isolate (process_isolation, private_loopback,
+    private_mount_sources false)."""
 
     def capabilities(self) -> SandboxCapabilities:
-        return ISOLATING.model_copy(update={"process_isolation": False, "private_loopback": False})
+        return ISOLATING.model_copy(update={"process_isolation": False, "private_loopback": False,
+                                            "private_mount_sources": False})
 
 
 @pytest.mark.parametrize("case_id", ["escape.proc.host_visible", "escape.leak.hostname"])
@@ -333,3 +336,34 @@ def test_a_declared_missing_loopback_still_needs_working_unix_sockets() -> None:
     assert "private_loopback=false" in declared.detail
     claimed = one(FakeBackend(no_ip), "escape.net.guest_local_admitted")
     assert claimed.verdict is Verdict.OVERREFUSED, claimed
+
+
+def _binds_showing(backend_sessions: Callable[[], list[str]], *, with_id: bool) -> ExecFn:
+    """A guest whose mountinfo names each mount's host source, as binds do (and, ``with_id``, the session id)."""
+    async def run(spec: SandboxSpec, request: ExecRequest) -> ExecResult:
+        if "mountinfo" not in " ".join(request.argv):
+            return await on_host(spec, request)
+        lines = [f"1 0 8:1 {m.source} {m.target} rw - ext4 /dev/sda rw" for m in spec.mounts]
+        if with_id:
+            lines += [f"2 0 8:1 /var/lib/stockade/sessions/{sid}/outputs /mnt/session/outputs rw - ext4 /dev/sda rw"
+                      for sid in backend_sessions()]
+        report = {"texts": {"/proc/self/mountinfo": "\n".join(lines)}}
+        return ExecResult(stdout="stockade-escape-" + "result " + json.dumps(report) + "\n", exit_code=0)
+    return run
+
+
+def test_host_paths_declared_gap_covers_mount_sources_but_never_the_session_id() -> None:
+    """Mount sources in mountinfo: an escape for a backend claiming private_mount_sources, not_applicable with
+    the measurement for one declaring it false; the session id shown is an escape for both."""
+    declaring = DeclaringBackend(on_host)
+    declaring.exec_fn = _binds_showing(lambda: list(declaring.sessions), with_id=False)
+    declared = one(declaring, "escape.leak.host_paths")
+    assert declared.verdict is Verdict.NOT_APPLICABLE, declared
+    assert "private_mount_sources=false" in declared.detail and "read-write mount source" in declared.detail
+    claiming = FakeBackend(on_host)
+    claiming.exec_fn = _binds_showing(lambda: list(claiming.sessions), with_id=False)
+    assert one(claiming, "escape.leak.host_paths").verdict is Verdict.ESCAPED
+    leaking = DeclaringBackend(on_host)
+    leaking.exec_fn = _binds_showing(lambda: list(leaking.sessions), with_id=True)
+    result = one(leaking, "escape.leak.host_paths")
+    assert result.verdict is Verdict.ESCAPED and "session's id" in result.detail, result

@@ -260,6 +260,7 @@ def test_capabilities_harn_flags_first_in_harn_order() -> None:
             "persistent_sessions": False,
             "private_filesystem_view": True,
             "private_loopback": True,
+            "private_mount_sources": True,
         },
     )
 

@@ -642,3 +642,9 @@ class SandboxCapabilities(_Model):
     # refuses IP sockets altogether, because without a network namespace the guest's loopback would be the
     # host's, and unix sockets too where a connect() could reach a host daemon's socket; socketpair() works.
     private_loopback: bool = True
+    # True (the contract's default): the guest's /proc (mountinfo, mounts, cgroup) names no host path, neither a
+    # mount's source nor the backend's own directories. False is declared where some do show: a read-write mount
+    # of a host directory is a bind there, and a bind shows its source's path (``bwrap``; ``docker`` and
+    # ``podman`` with runc, whose engine shows every mount's source and its own data root). The session's id
+    # must not show either way.
+    private_mount_sources: bool = True

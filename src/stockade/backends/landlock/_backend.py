@@ -231,6 +231,7 @@ class LandlockBackend(SandboxBackend):
             # Mounts are granted in place at their host paths; /tmp is the host's, TMPDIR the session's.
             private_filesystem_view=False,
             private_loopback=False,
+            private_mount_sources=False,
         )
 
     def enforcement(self, connect_port: int | None = None) -> landlock.Enforcement:

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..canaries import token
 from ..context import CaseContext, Finding, case, conforms, escaped, show
 from ._declared import declared_absent
-from ._support import CANARY_TARGET, canary_dir, gated, mount, need_python, require, run_py, scratch
+from ._support import CANARY_TARGET, RW_TARGET, canary_dir, gated, mount, need_python, require, run_py, scratch
 
 __all__: list[str] = []
 
@@ -91,24 +91,31 @@ emit({"texts": texts})
 
 @case("escape.leak.host_paths")
 async def host_paths(ctx: CaseContext) -> Finding:
-    """The guest's /proc (mountinfo, mounts, mountstats, cgroup) shows guest paths only: not the host path of
-    a mount's source, nor the backend's state directory or the session's id."""
-    directory, _f, _c = canary_dir(ctx)
-    m = mount(directory, CANARY_TARGET)
-    await gated(ctx, ctx.spec(mounts=(m,)), "a spec with mounts")
-    async with ctx.session(mounts=(m,)) as session:
+    """The guest's /proc (mountinfo, mounts, mountstats, cgroup, environ, cmdline) names no host path: not the
+    source of a read-only or a read-write mount, nor the backend's state directory, nor the session's id. A
+    backend that declares ``private_mount_sources`` false (its mounts show their host sources) is still held to
+    the session's id, which is no path."""
+    ro_dir, _f, _c = canary_dir(ctx)
+    rw_dir = ctx.host_dir(0o777)
+    mounts = (mount(ro_dir, CANARY_TARGET), mount(rw_dir, RW_TARGET, writable=True))
+    await gated(ctx, ctx.spec(mounts=mounts), "a spec with mounts")
+    async with ctx.session(mounts=mounts) as session:
         await need_python(ctx, session.id)
         found, result = await run_py(ctx, session.id, _PATHS)
-    needles = {"mount source": str(directory), "session id": session.id}
+    needles = {"read-only mount source": str(ro_dir), "read-write mount source": str(rw_dir),
+               "session id": session.id}
     state_dir = session.metadata.get("state_dir")
     if state_dir:
         needles["state dir"] = state_dir
     texts: dict[str, str] = found.get("texts", {})
-    leaks = sorted({f"{what} ({needle}) in {path}" for path, text in texts.items()
-                    for what, needle in needles.items() if needle and needle in text})
-    if leaks:
-        return escaped(f"host paths visible in the guest: {leaks}")
     require("/proc/self/mountinfo" in texts, "the probe read nothing", result)
+    leaks = {(what, path) for path, text in texts.items() for what, needle in needles.items() if needle in text}
+    shown = sorted(f"{what} ({needles[what]}) in {path}" for what, path in leaks)
+    if any(what == "session id" for what, _path in leaks):
+        return escaped(f"the session's id is visible in the guest: {shown}")
+    if leaks:
+        return declared_absent(ctx, "private_mount_sources", f"host paths in the guest's /proc: {shown}") or escaped(
+            f"host paths visible in the guest: {shown}")
     return conforms(f"none of {sorted(needles)} appears in {len(texts)} /proc views")
 
 
