@@ -459,3 +459,41 @@ def test_nested_mounts_keep_the_spec_order(backend: BwrapBackend, canary: tuple[
     assert (out / "new").read_text() == "made\n"
     assert (work / "w").read_text() == "w\n"
     assert sorted(p.name for p in directory.iterdir()) == ["keep", "out"]
+
+
+def test_guest_proc_names_no_state_dir_session_id_or_read_only_source(
+    backend: BwrapBackend, canary: tuple[Path, str], tmp_path: Path
+) -> None:
+    """The session's own directories (outputs, memory, an owned mount, live or not), its generated /etc files
+    and the agent reach the guest without their host paths; only a read-write mount of a host directory (a
+    bind, declared by ``private_mount_sources`` false) shows its source. The owned directories still work both
+    ways: what the guest writes is on the host, and a unix socket the guest binds there answers the guest."""
+    directory, _text = canary
+    rw = tmp_path / "rw"
+    rw.mkdir()
+    sid = provision(backend, memory_writable=True, mounts=[
+        {"source": str(directory), "target": "/mnt/ro", "access": "read_only"},
+        {"source": str(rw), "target": "/mnt/rw", "access": "read_write"},
+        {"source": "", "target": "/mnt/owned", "access": "read_write"},
+    ])
+    attach(backend, sid, "", "/mnt/live", "read_write")
+    sdir = backend.store.session_dir(sid)
+    script = ("cat /proc/self/mountinfo /proc/1/mountinfo /proc/self/cgroup; "
+              "for d in /mnt/session/outputs /mnt/memory /mnt/owned /mnt/live; do echo x > $d/f && mkdir $d/d && "
+              "mv $d/f $d/d/g || echo FAILED $d; done; cd /mnt/session/outputs && "
+              "python3 -c 'import socket; s = socket.socket(socket.AF_UNIX); s.bind(\"sock\"); s.listen(); "
+              "c = socket.socket(socket.AF_UNIX); c.connect(\"sock\"); print(\"connected\")'")
+    result = sh(backend, sid, script)
+    assert result.exit_code == 0 and "FAILED" not in result.stdout and "connected" in result.stdout, result
+    for needle in (sid, str(sdir), str(backend.store.root), str(directory), str(Path(SRC))):
+        assert needle not in result.stdout, (needle, result.stdout)
+    assert str(rw) in result.stdout  # the declared gap: if this stops showing, the capability can say so
+    for owned in ("outputs", "memory", "mounts/2"):
+        assert (sdir / owned / "d" / "g").read_text() == "x\n", owned
+    live = next(p for p in (sdir / "mounts").iterdir() if p.name.startswith("live-"))
+    assert (live / "d" / "g").read_text() == "x\n"
+    session = anyio.run(backend.get_session, sid)
+    assert "unsealed_mounts" not in session.metadata
+    assert backend.capabilities().private_mount_sources is False
+    anyio.run(backend.terminate, sid)
+    assert not sdir.exists()

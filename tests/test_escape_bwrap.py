@@ -21,12 +21,7 @@ from stockade.conformance.pytest_plugin import ESCAPE_OPTIONS, make_escape_tests
 _STATE = Path(tempfile.mkdtemp(prefix="stockade-escape-"))
 atexit.register(shutil.rmtree, _STATE, True)  # every case terminates its sessions; this removes the empty store
 
-KNOWN_ESCAPES = {
-    "escape.leak.host_paths": "escape: /proc/self/mountinfo shows mount sources, the state directory and the "
-                              "session id; fix pending in bwrap",
-}
-
-test_escape = make_escape_tests(lambda: BwrapBackend(_STATE), known_failures=KNOWN_ESCAPES)
+test_escape = make_escape_tests(lambda: BwrapBackend(_STATE))
 
 
 def test_doctor_prints_the_escape_suite(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -33,6 +33,10 @@ inode numbers differ from the host's. Where the kernel refuses the overlay (no `
 before Linux 6.8, a source filesystem overlayfs cannot stack on), the clone is attached as a plain read-only
 bind and the result says it is not sealed.
 
+A read-write directory the sandbox owns (its outputs, say) can be presented as the upper layer of an overlay
+instead (:func:`private_upper`, a request with a ``workdir``): the guest writes into the directory itself, and
+mountinfo shows the layers relative to the state directory, not their host paths.
+
 Nothing is mounted on the host at any point: the copies live in namespaces that disappear with the helper and
 with the sandbox. The mount lands in a namespace owned by the sandbox's outer user namespace, while the guest
 runs in a nested one, so even a guest process holding every capability of its own user namespace cannot
@@ -203,13 +207,7 @@ def sealed_overlay(tree_fd: int) -> int:
     See the module docstring for why a read-only mount is presented this way. The second lower layer (overlayfs
     needs two without an upper one) is an empty tmpfs of a few pages.
     """
-    empty_ctx = fsopen("tmpfs")
-    try:
-        fsconfig(empty_ctx, FSCONFIG_SET_STRING, "size", b"4k")
-        fsconfig(empty_ctx, FSCONFIG_CMD_CREATE)
-        empty = fsmount(empty_ctx, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
-    finally:
-        os.close(empty_ctx)
+    empty = _empty_layer()
     try:
         ctx = fsopen("overlay")
         try:
@@ -222,6 +220,67 @@ def sealed_overlay(tree_fd: int) -> int:
             os.close(ctx)
     finally:
         os.close(empty)
+
+
+def _empty_layer() -> int:
+    """A detached, read-only, empty tmpfs of a few pages: the lower layer that an overlay needs."""
+    ctx = fsopen("tmpfs")
+    try:
+        fsconfig(ctx, FSCONFIG_SET_STRING, "size", b"4k")
+        fsconfig(ctx, FSCONFIG_CMD_CREATE)
+        return fsmount(ctx, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
+    finally:
+        os.close(ctx)
+
+
+def private_upper(source: str, workdir: str) -> int:
+    """A detached read-write overlayfs whose upper layer is the host directory ``source`` (and whose lower layer
+    is empty): what the guest writes lands in ``source`` itself, as through a bind.
+
+    Both layers are given by descriptor from a detached clone of the common parent of ``source`` and
+    ``workdir`` (overlayfs wants them on one mount), so ``/proc/self/mountinfo`` shows ``upperdir=/<name>``
+    relative to that parent, where a bind shows the full host path. The cost of the overlay: a file the host
+    creates in ``source`` while the session runs may stay invisible to a guest that looked the name up before
+    (overlayfs caches the miss), and directories the guest creates carry an ``user.overlay.opaque`` attribute.
+    """
+    base = os.path.commonpath([source, workdir])
+    if base in (source, workdir):
+        raise OSError(errno.EINVAL, "the work directory must sit beside the source, not in it", workdir)
+    base_fd = _open_source(base)
+    try:
+        tree = open_tree(base_fd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH)
+    finally:
+        os.close(base_fd)
+    layers: list[int] = []
+    try:
+        mount_setattr(tree, "", AT_EMPTY_PATH, attr_set=MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, propagation=MS_PRIVATE)
+        for path in (source, workdir):
+            layers.append(openat2(tree, os.path.relpath(path, base), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
+                                  _RESOLVE))
+        layers.append(_empty_layer())
+        upper, work, empty = layers
+        last: OSError | None = None
+        # In a user namespace other than the host's the trusted.* attributes overlayfs keeps are out of reach:
+        # it needs ``userxattr`` there (the helper always runs in one; the second try is for other callers).
+        for userxattr in (True, False):
+            ctx = fsopen("overlay")
+            try:
+                fsconfig(ctx, FSCONFIG_SET_FD, "lowerdir+", None, empty)
+                fsconfig(ctx, FSCONFIG_SET_FD, "upperdir", None, upper)
+                fsconfig(ctx, FSCONFIG_SET_FD, "workdir", None, work)
+                if userxattr:
+                    fsconfig(ctx, FSCONFIG_SET_FLAG, "userxattr")
+                fsconfig(ctx, FSCONFIG_CMD_CREATE)
+                return fsmount(ctx, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
+            except OSError as exc:
+                last = exc
+            finally:
+                os.close(ctx)
+        assert last is not None
+        raise last
+    finally:
+        for fd in (*layers, tree):
+            os.close(fd)
 
 
 def openat2(dfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
@@ -367,18 +426,31 @@ def _open_target(target: str, directory: bool) -> tuple[int, list[str]]:
 
 
 class MountRequest:
-    """One mount for :func:`attach_all_into_namespace`: a host ``source`` at the guest ``target``."""
+    """One mount for :func:`attach_all_into_namespace`: a host ``source`` at the guest ``target``.
 
-    __slots__ = ("readonly", "source", "target")
+    ``workdir`` (read-write directories only): an empty directory beside ``source`` on the same filesystem. The
+    directory is then presented as the upper layer of an overlay (:func:`private_upper`), so that the guest's
+    mountinfo shows paths relative to their common parent instead of the host path.
+    """
 
-    def __init__(self, source: str, target: str, readonly: bool) -> None:
+    __slots__ = ("readonly", "source", "target", "workdir")
+
+    def __init__(self, source: str, target: str, readonly: bool, workdir: str | None = None) -> None:
         self.source = source
         self.target = target
         self.readonly = readonly
+        self.workdir = workdir
 
 
 def _detached(request: MountRequest) -> tuple[int, bool, bool]:
     """(mount fd, is a directory, sealed) for ``request.source``, in the helper's own copy of the host's mounts."""
+    if request.workdir is not None and not request.readonly:
+        try:
+            return private_upper(request.source, request.workdir), True, True
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOENT, errno.ENOTDIR):
+                raise  # a bad source is refused, never bound plainly instead
+        # the overlay was refused (the filesystem or kernel cannot): a plain bind, reported as not sealed
     src = _open_source(request.source)
     try:
         mode = os.fstat(src).st_mode
@@ -443,10 +515,11 @@ def attach_into_namespace(userns_fd: int, mntns_fd: int, source: str, target: st
 
 
 def run_attach_helper(
-    userns_fd: int, mntns_fd: int, source: str, target: str, readonly: bool, timeout: float = 30.0
+    userns_fd: int, mntns_fd: int, source: str, target: str, readonly: bool, timeout: float = 30.0,
+    workdir: str | None = None,
 ) -> AttachResult:
     """Run :func:`attach_into_namespace` in a fresh single-threaded interpreter; raises :class:`AttachFailed`."""
-    return run_attach_all_helper(userns_fd, mntns_fd, [MountRequest(source, target, readonly)], timeout)[0]
+    return run_attach_all_helper(userns_fd, mntns_fd, [MountRequest(source, target, readonly, workdir)], timeout)[0]
 
 
 def run_attach_all_helper(
@@ -455,8 +528,8 @@ def run_attach_all_helper(
     """Run :func:`attach_all_into_namespace` in a fresh single-threaded interpreter; raises :class:`AttachFailed`."""
     import subprocess  # here, not at the top: the helper itself must start fast
 
-    request = marshal.dumps({"mounts": [{"source": r.source, "target": r.target, "readonly": r.readonly}
-                                        for r in requests],
+    request = marshal.dumps({"mounts": [{"source": r.source, "target": r.target, "readonly": r.readonly,
+                                         "workdir": r.workdir} for r in requests],
                              "userns_fd": userns_fd, "mntns_fd": mntns_fd})
     try:
         proc = subprocess.run(  # our own interpreter running this very file
@@ -485,7 +558,7 @@ def run_attach_all_helper(
 
 def _main() -> int:
     request = marshal.loads(sys.stdin.buffer.read())  # noqa: S302 - from our own parent
-    mounts = [MountRequest(m["source"], m["target"], bool(m["readonly"])) for m in request["mounts"]]
+    mounts = [MountRequest(m["source"], m["target"], bool(m["readonly"]), m["workdir"]) for m in request["mounts"]]
     try:
         results = attach_all_into_namespace(request["userns_fd"], request["mntns_fd"], mounts)
     except AttachFailed as exc:

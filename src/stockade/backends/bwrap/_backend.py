@@ -67,8 +67,17 @@ from ...models import (
 from .._archive import restore_filter as _restore_filter
 from .._records import record_lock
 from ._client import AgentGone, request_frames, short_unix_path
-from ._launch import GUEST_HOME, GUEST_PATH, GuestMount, LaunchPlan, bwrap_argv, find_guest_python
-from ._mounts import attach_at_start, attach_live, live_mounts_reason, sealable
+from ._launch import (
+    GUEST_HOME,
+    GUEST_PATH,
+    GuestMount,
+    LaunchPlan,
+    bwrap_argv,
+    data_fd,
+    find_guest_python,
+    guest_files,
+)
+from ._mounts import attach_at_start, attach_live, live_mounts_reason, owned_mount, via_helper
 from ._network import GatewayHandle, find_tool, gateway_policy_json, proxy_env, start_gateway
 from ._pool import POOL_PREFIX, WarmPool, owner_alive, poolable
 from ._store import SessionStore, default_state_root, process_start_time
@@ -205,6 +214,9 @@ class BwrapBackend(SandboxBackend):
             egress_log=egress,
             exec_streaming=True,
             persistent_sessions=True,
+            # A read-write mount of a host directory is a bind, which shows its source in mountinfo; the
+            # session's own directories and read-only ones do not show (overlays, docs/bwrap.md).
+            private_mount_sources=False,
         )
 
     # ------------------------------------------------------------------------------------------- provision
@@ -324,19 +336,19 @@ class BwrapBackend(SandboxBackend):
             outputs.mkdir()
             memory.mkdir()
             guest_mounts = [
-                GuestMount(str(memory), MEMORY_MOUNT,
-                           FilesystemAccess.READ_WRITE if spec.memory_writable else FilesystemAccess.READ_ONLY),
-                GuestMount(str(outputs), OUTPUTS_MOUNT, FilesystemAccess.READ_WRITE),
+                owned_mount(sdir, memory, MEMORY_MOUNT,
+                            FilesystemAccess.READ_WRITE if spec.memory_writable else FilesystemAccess.READ_ONLY),
+                owned_mount(sdir, outputs, OUTPUTS_MOUNT, FilesystemAccess.READ_WRITE),
             ]
             owned: list[str] = []
             for index, mount in enumerate(spec.mounts):
-                source = mount.source
-                if not source:
-                    owned_dir = sdir / "mounts" / str(index)
-                    owned_dir.mkdir(parents=True)
-                    source = str(owned_dir)
-                    owned.append(mount.target)
-                guest_mounts.append(GuestMount(source, mount.target, mount.access))
+                if mount.source:
+                    guest_mounts.append(GuestMount(mount.source, mount.target, mount.access))
+                    continue
+                owned_dir = sdir / "mounts" / str(index)
+                owned_dir.mkdir(parents=True)
+                owned.append(mount.target)
+                guest_mounts.append(owned_mount(sdir, owned_dir, mount.target, mount.access))
             if spec.from_snapshot:
                 self._restore_files(spec.from_snapshot, sdir, guest_mounts)
 
@@ -367,9 +379,14 @@ class BwrapBackend(SandboxBackend):
             seccomp_fd = seccomp.bpf_fd(seccomp.default_profile("inet"))
             fds.append(seccomp_fd)
             python, python_binds = find_guest_python()
-            # Read-only directories of the spec (and every mount after the first, so that the order of stacking
-            # stays the spec's) are placed by the mount helper once the sandbox runs: sealed, see _mounts.py.
-            first_sealed = next((i for i, m in enumerate(guest_mounts) if i >= 2 and sealable(m)), None)
+            files = []
+            for guest, data in guest_files("stockade", self._host_net(spec)).items():
+                fds.append(data_fd(data))
+                files.append((guest, fds[-1]))
+            # Read-only directories and the session's own read-write ones (and every mount after the first of
+            # those, so that the order of stacking stays the spec's) are placed by the mount helper once the
+            # sandbox runs: sealed, or behind an overlay that hides their host paths; see _mounts.py.
+            first_sealed = next((i for i, m in enumerate(guest_mounts) if via_helper(m)), None)
             bwrap_mounts = guest_mounts if first_sealed is None else guest_mounts[:first_sealed]
             helper_mounts = [] if first_sealed is None else guest_mounts[first_sealed:]
             plan = LaunchPlan(
@@ -384,6 +401,7 @@ class BwrapBackend(SandboxBackend):
                 seccomp_fd=seccomp_fd,
                 info_fd=info_w,
                 share_host_network=self._host_net(spec),
+                files=tuple(files),
             )
             log = open(sdir / "bwrap.log", "wb")  # noqa: SIM115 - handed to the child, closed below
             preexec: Callable[[], None] | None = cgroup.preexec_join() if cgroup is not None else None
@@ -394,7 +412,7 @@ class BwrapBackend(SandboxBackend):
                     stdout=log,
                     stderr=log,
                     close_fds=True,
-                    pass_fds=(fds[0], ready_w, info_w, seccomp_fd),
+                    pass_fds=(fds[0], ready_w, info_w, seccomp_fd, *(fd for _, fd in files)),
                     start_new_session=True,
                     preexec_fn=preexec,
                     # Nothing of the caller's environment may reach the sandbox, not even bwrap's own.
@@ -402,7 +420,7 @@ class BwrapBackend(SandboxBackend):
                 )
             finally:
                 log.close()
-            for fd in (ready_w, info_w, seccomp_fd, fds[0]):
+            for fd in (ready_w, info_w, seccomp_fd, fds[0], *(fd for _, fd in files)):
                 os.close(fd)
             fds = [ready_r, info_r]
             init_pid = self._wait_ready(proc, ready_r, info_r, sdir)

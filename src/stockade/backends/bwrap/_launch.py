@@ -8,6 +8,7 @@ passed; ``--disable-userns`` and the seccomp filter both stop nested user namesp
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -15,7 +16,10 @@ from pathlib import Path
 
 from ...models import FilesystemAccess
 
-__all__ = ["GUEST_AGENT", "GUEST_HOME", "GUEST_UID", "LaunchPlan", "bwrap_argv", "find_guest_python"]
+__all__ = [
+    "GUEST_AGENT", "GUEST_HOME", "GUEST_UID", "LaunchPlan", "bwrap_argv", "data_fd", "find_guest_python",
+    "guest_files",
+]
 
 GUEST_UID = 1000
 GUEST_HOME = "/tmp"
@@ -61,6 +65,9 @@ class GuestMount:
     host_path: str
     target: str
     access: FilesystemAccess
+    # For a read-write directory the session owns: an empty directory beside it, which lets the mount helper
+    # present it as an overlay's upper layer (no host path in the guest's mountinfo; see linux/mounts.py).
+    workdir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,8 @@ class LaunchPlan:
     seccomp_fd: int
     info_fd: int
     staging_dir: Path | None = None
+    # (guest path, fd to read its content from): the files of guest_files(), passed to bwrap.
+    files: tuple[tuple[str, int], ...] = ()
     # Only for the backend's explicit ``share_host_network`` option with an unrestricted policy.
     share_host_network: bool = False
 
@@ -96,9 +105,12 @@ def find_guest_python() -> tuple[str, tuple[str, ...]]:
     return exe, (prefix,)
 
 
-def _generated_etc(state_dir: Path, hostname: str) -> dict[str, Path]:
-    etc = state_dir / "etc"
-    etc.mkdir(exist_ok=True)
+def guest_files(hostname: str, share_host_network: bool) -> dict[str, bytes]:
+    """The files generated for the guest (its /etc entries and the agent), by guest path.
+
+    They reach the guest as copies on its own root tmpfs (``--file``), not as binds of host files: a bind shows
+    its host path in the guest's mountinfo, and these would have named the session's state directory.
+    """
     files = {
         "/etc/passwd": (
             "root:x:0:0:root:/root:/usr/sbin/nologin\n"
@@ -112,12 +124,28 @@ def _generated_etc(state_dir: Path, hostname: str) -> dict[str, Path]:
         # there, and an explicit loopback entry fails fast.
         "/etc/resolv.conf": "nameserver 127.0.0.53\noptions timeout:1 attempts:1\n",
     }
-    out: dict[str, Path] = {}
-    for guest, text in files.items():
-        path = etc / Path(guest).name
-        path.write_text(text)
-        out[guest] = path
+    if share_host_network:
+        del files["/etc/resolv.conf"]  # the host's resolver is the one reachable then (bound below)
+    out = {guest: text.encode() for guest, text in files.items()}
+    out[GUEST_AGENT] = _agent_source()
     return out
+
+
+@functools.cache
+def _agent_source() -> bytes:
+    return Path(__file__).with_name("_agent.py").read_bytes()
+
+
+def data_fd(data: bytes) -> int:
+    """A sealed-size memfd holding ``data``, positioned at its start (bubblewrap reads ``--file`` to EOF)."""
+    fd = os.memfd_create("stockade-guest-file", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def bwrap_argv(plan: LaunchPlan) -> list[str]:
@@ -151,11 +179,8 @@ def bwrap_argv(plan: LaunchPlan) -> list[str]:
             argv += ["--ro-bind", str(host), f"/{name}"]
     for path in _ETC_FILES:
         argv += ["--ro-bind-try", path, path]
-    for guest, host_file in _generated_etc(plan.state_dir, plan.hostname).items():
-        if guest == "/etc/resolv.conf" and plan.share_host_network:
-            argv += ["--ro-bind-try", guest, guest]  # the host's resolver is the one reachable then
-            continue
-        argv += ["--ro-bind", str(host_file), guest]
+    if plan.share_host_network:
+        argv += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
     for prefix in plan.python_binds:
         argv += ["--ro-bind", prefix, prefix]
     argv += [
@@ -171,8 +196,9 @@ def bwrap_argv(plan: LaunchPlan) -> list[str]:
         "--size", str(plan.tmp_bytes), "--tmpfs", "/tmp",
         "--dir", "/var/tmp",
         "--dir", "/run/stockade",
-        "--ro-bind", str(Path(__file__).with_name("_agent.py")), GUEST_AGENT,
     ]
+    for guest, fd in plan.files:
+        argv += ["--perms", "0444", "--file", str(fd), guest]
     for mount in plan.mounts:
         flag = "--bind" if mount.access is FilesystemAccess.READ_WRITE else "--ro-bind"
         argv += [flag, mount.host_path, mount.target]

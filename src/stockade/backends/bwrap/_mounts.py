@@ -37,7 +37,7 @@ from ...linux import mounts as kernel
 from ...models import FilesystemAccess, FilesystemMount
 from .._records import record_lock
 from ._launch import GuestMount
-from ._store import SessionStore, process_start_time
+from ._store import OVERLAY_WORK, SessionStore, process_start_time
 
 __all__ = ["SYSTEM_PATHS", "attach_at_start", "attach_live", "check_target", "live_mounts_reason", "sealable"]
 
@@ -98,9 +98,23 @@ def _namespace_fds(record: dict[str, Any]) -> tuple[int, int]:
     return owner, mnt
 
 
+def owned_mount(sdir: Path, directory: Path, target: str, access: FilesystemAccess) -> GuestMount:
+    """A mount of ``directory``, a directory the session owns under ``sdir``; writable ones get a work dir."""
+    if access is FilesystemAccess.READ_ONLY:
+        return GuestMount(str(directory), target, access)
+    work = sdir / OVERLAY_WORK / str(directory.relative_to(sdir)).replace("/", "-")
+    work.mkdir(parents=True)
+    return GuestMount(str(directory), target, access, str(work))
+
+
 def sealable(mount: GuestMount) -> bool:
     """Whether provision places ``mount`` through the helper, sealed, rather than through bubblewrap."""
     return mount.access is FilesystemAccess.READ_ONLY and os.path.isdir(mount.host_path)
+
+
+def via_helper(mount: GuestMount) -> bool:
+    """Whether provision places ``mount`` through the mount helper (sealed or as a private upper layer)."""
+    return live_mounts_reason() is None and (sealable(mount) or mount.workdir is not None)
 
 
 def attach_at_start(session_id: str, init_pid: int, mounts: list[GuestMount]) -> list[str]:
@@ -109,7 +123,8 @@ def attach_at_start(session_id: str, init_pid: int, mounts: list[GuestMount]) ->
     Raises what :func:`attach_live` raises for the same failures; the caller tears the half-built session down.
     """
     record = {"id": session_id, "init_pid": init_pid, "init_start": process_start_time(init_pid)}
-    requests = [kernel.MountRequest(m.host_path, m.target, m.access is FilesystemAccess.READ_ONLY) for m in mounts]
+    requests = [kernel.MountRequest(m.host_path, m.target, m.access is FilesystemAccess.READ_ONLY, m.workdir)
+                for m in mounts]
     owner, mnt = _namespace_fds(record)
     try:
         results = kernel.run_attach_all_helper(owner, mnt, requests)
@@ -120,7 +135,7 @@ def attach_at_start(session_id: str, init_pid: int, mounts: list[GuestMount]) ->
     finally:
         os.close(owner)
         os.close(mnt)
-    return [r.target for r, m in zip(results, mounts, strict=True) if sealable(m) and not r.sealed]
+    return [r.target for r, m in zip(results, mounts, strict=True) if via_helper(m) and not r.sealed]
 
 
 def _fail(exc: kernel.AttachFailed, mount: FilesystemMount, source: str) -> Exception:
@@ -154,15 +169,17 @@ def attach_live(store: SessionStore, session_id: str, mount: FilesystemMount) ->
         check_target(record, mount.target)
         source = mount.source
         owned_dir: Path | None = None
+        workdir: str | None = None
         if not source:
             owned_dir = sdir / "mounts" / f"live-{secrets.token_hex(4)}"
             owned_dir.mkdir(parents=True)
             source = str(owned_dir)
+            workdir = owned_mount(sdir, owned_dir, mount.target, mount.access).workdir
         readonly = mount.access is FilesystemAccess.READ_ONLY
         try:
             owner, mnt = _namespace_fds(record)
             try:
-                result = kernel.run_attach_helper(owner, mnt, source, mount.target, readonly)
+                result = kernel.run_attach_helper(owner, mnt, source, mount.target, readonly, workdir=workdir)
             except kernel.AttachFailed as exc:
                 raise _fail(exc, mount, source) from exc
             finally:
@@ -175,7 +192,7 @@ def attach_live(store: SessionStore, session_id: str, mount: FilesystemMount) ->
             raise
         record["mounts"].append({"target": mount.target, "access": mount.access.value, "host_path": source})
         record.setdefault("live_mounts", []).append(mount.target)
-        if readonly and os.path.isdir(source) and not result.sealed:
+        if (workdir is not None or (readonly and os.path.isdir(source))) and not result.sealed:
             record.setdefault("unsealed_mounts", []).append(mount.target)
         if owned_dir is not None:
             record.setdefault("owned_mounts", []).append(mount.target)

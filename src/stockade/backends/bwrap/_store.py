@@ -7,12 +7,13 @@ Layout under the state root (0700)::
     sessions/<id>/outputs/        /mnt/session/outputs
     sessions/<id>/memory/         /mnt/memory
     sessions/<id>/mounts/<n>/     mounts with an empty source (session-owned)
-    sessions/<id>/etc/            generated passwd, group, hosts, resolv.conf
+    sessions/<id>/overlay-work/   work directories of the overlays that present the writable ones above
     snapshots/<snapshot id>/      archive.tar.zst + manifest.json (outlive the session)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +21,10 @@ from typing import Any
 
 from .. import _records as records
 
-__all__ = ["SessionStore", "default_state_root", "process_start_time"]
+__all__ = ["OVERLAY_WORK", "SessionStore", "default_state_root", "process_start_time"]
+
+OVERLAY_WORK = "overlay-work"
+"""The directory of a session's state dir that holds the work directories of its read-write overlays."""
 
 
 def default_state_root() -> Path:
@@ -98,8 +102,15 @@ class SessionStore:
             return []
 
     def remove_session(self, session_id: str) -> None:
+        sdir = self.session_dir(session_id)
+        # overlayfs leaves its work directories mode 0 (owned by the caller, who can open them up again); without
+        # that an unprivileged caller's rmtree could not enter them.
+        for work in sdir.glob(f"{OVERLAY_WORK}/*/work"):
+            with contextlib.suppress(OSError):
+                if not work.is_symlink():
+                    work.chmod(0o700)
         # rmtree never follows symlinks, and nothing is mounted under a session dir on the host side.
-        shutil.rmtree(self.session_dir(session_id), ignore_errors=True)
+        shutil.rmtree(sdir, ignore_errors=True)
 
     def snapshot_dir(self, snapshot_id: str) -> Path:
         return self.snapshots / snapshot_id
