@@ -18,15 +18,9 @@ from stockade.conformance.pytest_plugin import make_escape_tests
 _STATE = Path(tempfile.mkdtemp(prefix="stockade-escape-docker-"))
 atexit.register(shutil.rmtree, _STATE, True)  # every case terminates its sessions; this removes the empty store
 
-KNOWN_ESCAPES = {
-    "escape.leak.host_paths": "escape: /proc/self/mountinfo shows each bind's host source, the state directory "
-                              "and the session id (the engine cannot hide a bind's source); fix pending in docker",
-}
-
-
 def _backend() -> DockerBackend:
     daemon = dockerd_or_skip()
     return DockerBackend(daemon.url, image=daemon.image(PY_IMAGE), state_dir=_STATE)
 
 
-test_escape = make_escape_tests(_backend, known_failures=KNOWN_ESCAPES)
+test_escape = make_escape_tests(_backend)

@@ -218,6 +218,9 @@ class DockerBackend(SandboxBackend):
             egress_log=egress,
             exec_streaming=False,
             persistent_sessions=True,
+            # runc: the engine shows every mount's host source (and its own data root) in mountinfo; gVisor's
+            # gofer shows none.
+            private_mount_sources=gvisor,
         )
 
     # ------------------------------------------------------------------------------------------- provision

@@ -2,13 +2,17 @@
 
 Layout under the state root (0700)::
 
-    sessions/<id>/record.json     the session record (written atomically)
-    sessions/<id>/record.terminating  the record once a terminate has claimed the session
-    sessions/<id>/outputs/        bound at /mnt/session/outputs
-    sessions/<id>/memory/         bound at /mnt/memory
-    sessions/<id>/mounts/<n>/     mounts with an empty source (session-owned)
+    sessions/<key>/record.json     the session record (written atomically)
+    sessions/<key>/record.terminating  the record once a terminate has claimed the session
+    sessions/<key>/outputs/        bound at /mnt/session/outputs
+    sessions/<key>/memory/         bound at /mnt/memory
+    sessions/<key>/mounts/<n>/     mounts with an empty source (session-owned)
     snapshots/<snapshot id>/      manifest.json, files.tar.gz, checkpoint/ (outlive the session)
     exec-init                     the engine's init, execute-only, that wraps each exec (runc)
+
+``<key>`` is a one-way function of the session id (:func:`session_key`), not the id: the engine shows each
+bind's host path inside the container (``/proc/self/mountinfo``), and the id is the handle that controls the
+session, so it must not be readable there.
 
 The container itself carries the labels ``stockade.session`` and ``stockade.state``, so containers left behind
 by a crashed process are found by label (:meth:`DockerBackend.gc`).
@@ -16,6 +20,7 @@ by a crashed process are found by label (:meth:`DockerBackend.gc`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -23,7 +28,12 @@ from typing import Any
 
 from .. import _records as records
 
-__all__ = ["Store", "default_state_root"]
+__all__ = ["Store", "default_state_root", "session_key"]
+
+
+def session_key(session_id: str) -> str:
+    """The name of a session's directory: derived from its id, from which the id cannot be recovered."""
+    return hashlib.sha256(b"stockade-session-dir\0" + session_id.encode()).hexdigest()[:32]
 
 
 def default_state_root(engine: str) -> Path:
@@ -46,7 +56,13 @@ class Store:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def session_dir(self, session_id: str) -> Path:
-        return self.sessions / session_id
+        return self.sessions / session_key(session_id)
+
+    def _id_in(self, path: Path) -> str | None:
+        """The id of the session whose record is ``path`` (checked against the directory it sits in)."""
+        record = records.read(path)
+        sid = record.get("id") if record is not None else None
+        return sid if isinstance(sid, str) and self.session_dir(sid) == path.parent else None
 
     def create_session_dir(self, session_id: str) -> Path:
         path = self.session_dir(session_id)
@@ -70,11 +86,12 @@ class Store:
 
     def terminating_ids(self, older_than: float = 0.0) -> list[str]:
         """Sessions whose terminate began at least ``older_than`` seconds ago and never finished."""
-        return records.claimed_since(self.sessions, "record.terminating", older_than)
+        keys = records.claimed_since(self.sessions, "record.terminating", older_than)
+        return sorted(sid for key in keys if (sid := self._id_in(self.sessions / key / "record.terminating")))
 
     def ids(self) -> list[str]:
         try:
-            return sorted(p.name for p in self.sessions.iterdir() if (p / "record.json").exists())
+            return sorted(sid for p in self.sessions.iterdir() if (sid := self._id_in(p / "record.json")))
         except OSError:
             return []
 
