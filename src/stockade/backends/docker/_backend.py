@@ -377,15 +377,19 @@ class DockerBackend(SandboxBackend):
         ``connect()`` ignores a bind's read-only flag, so a host daemon's unix socket in the directory would answer
         the guest (escape.net.unix_in_ro_mount). Docker's local volume driver can mount an overlayfs instead,
         whose lower layers are the source and an empty directory: the socket there is the overlay's inode, which
-        no listener is bound to. Only for Docker (Podman's compatible API ignores the driver options of an inline
-        volume) and a local engine (the empty layer is a directory of this host), and only for paths the
-        overlay's option string can carry; anything else stays a plain read-only bind.
+        no listener is bound to. Only for Docker with runc (Podman's compatible API ignores the driver options of
+        an inline volume; under gVisor see below) and a local engine (the empty layer is a directory of this
+        host), and only for paths the overlay's option string can carry; anything else stays a plain read-only
+        bind.
         """
         source = mount["Source"]
         if (
             not mount["ReadOnly"]
             or mount["Target"] in (MEMORY_MOUNT, EXEC_INIT)
             or self.engine_name != "docker"
+            # gVisor: runsc's gofer serves a volume without its ro flag (the Sentry lets the guest make fifos and
+            # truncate there), and it refuses connect() to a host socket in a plain bind anyway.
+            or self.runtime == "runsc"
             or not self.engine.is_local()
             or not os.path.isdir(source)
             or any(c in source for c in ":,\\\n")
