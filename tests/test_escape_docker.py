@@ -1,9 +1,8 @@
 """The escape suite (docs/escape-suite.md) on the docker backend (runc) against a private dockerd, with the
-busybox+python image: one pytest test per ``escape.*`` case.
+busybox+python image: one pytest test per ``escape.*`` case (gVisor: tests/test_escape_docker_runsc.py).
 
 What the suite finds and the backend has not fixed runs as strict xfails: measured on every run, and red the
-day the fix lands (then the entry goes). docs/docker.md lists the same gaps, and those of gVisor (runsc), which
-is not run here: the suite takes about two and a half minutes there, against about one and a half on runc.
+day the fix lands (then the entry goes). docs/docker.md lists the same gaps, and those of gVisor (runsc).
 """
 
 import atexit
