@@ -135,8 +135,6 @@ def _start() -> PrivateDockerd:
             "runsc": {"path": shutil.which("runsc"), "runtimeArgs": ["--network=none", "--oci-seccomp"]}
         }
     (root / "daemon.json").write_text(json.dumps(config))
-    tmp = root / "tmp"
-    tmp.mkdir()
     log = open(root / "dockerd.log", "wb")  # noqa: SIM115 - handed to the daemon
     proc = subprocess.Popen(
         [
@@ -146,8 +144,6 @@ def _start() -> PrivateDockerd:
             "--bridge=none",
         ],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=root,
-        # containerd stages each runsc checkpoint in a ctrd-checkpoint* directory under TMPDIR and leaves it.
-        env={**os.environ, "TMPDIR": str(tmp)},
     )
     log.close()
     daemon = PrivateDockerd(root, proc, runsc)
