@@ -203,10 +203,10 @@ def scratch(ctx: CaseContext) -> str:
 
 
 def _remove_host_path(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink(missing_ok=True)
-    elif path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
+    else:  # files, symlinks, and the unix sockets and fifos a probe made there
+        path.unlink(missing_ok=True)
 
 
 def source(body: str) -> str:
