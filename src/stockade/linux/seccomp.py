@@ -15,6 +15,7 @@ dangerous calls):
 * ``ioctl`` with ``TIOCSTI`` or ``TIOCLINUX`` fails with ``EPERM``;
 * ``personality`` with anything but 0, ``PER_LINUX32``, ``UNAME26``, both, or the query value ``0xffffffff``
   fails with ``EPERM``;
+* ``mknod`` / ``mknodat`` of a character or block device fails with ``EPERM`` (fifos and sockets pass);
 * ``socket`` / ``socketpair`` per :attr:`SeccompProfile.network` (see :data:`NetworkFamilies`): a family
   that is not allowed fails with ``EAFNOSUPPORT``, a type or protocol that is not allowed with ``EPERM``
   (``EPROTOTYPE`` for a datagram ``socketpair`` under ``"pair"``).
@@ -368,6 +369,7 @@ def _add_rules(rules: _ArchRules, profile: SeccompProfile) -> None:
 
     _add_socket_rules(rules, profile.network)
     _add_setid_rules(rules)
+    _add_device_rules(rules)
 
 
 # Where each call takes its mode: a guest must not create set-user-ID or set-group-ID files. Its uid may map to
@@ -382,6 +384,18 @@ def _add_setid_rules(rules: _ArchRules) -> None:
     for name, index in _MODE_ARG.items():
         for bit in (_S_ISUID, _S_ISGID):
             rules.deny(errno.EPERM, name, rules.arg(index, "masked_eq", bit, bit))
+
+
+# Device nodes: without CAP_MKNOD the kernel refuses them anyway, but gVisor's Sentry lets any uid make one in
+# its own file systems (escape.fs.mknod). Fifos, sockets and regular files stay allowed.
+_MKNOD_MODE_ARG = {"mknod": 1, "mknodat": 2}
+_S_IFMT, _S_IFCHR, _S_IFBLK = 0o170000, 0o020000, 0o060000
+
+
+def _add_device_rules(rules: _ArchRules) -> None:
+    for name, index in _MKNOD_MODE_ARG.items():
+        for kind in (_S_IFCHR, _S_IFBLK):
+            rules.deny(errno.EPERM, name, rules.arg(index, "masked_eq", _S_IFMT, kind))
 
 
 def _check_names(sc: Any, arches: list[int]) -> None:
