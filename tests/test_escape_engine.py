@@ -25,6 +25,7 @@ from stockade import (
     ExecResult,
     FilesystemMount,
     InvalidRequest,
+    LifecycleError,
     NetworkPolicy,
     SandboxBackend,
     SandboxCapabilities,
@@ -288,11 +289,11 @@ def test_host_root_gate_recognises_an_unconfined_probe() -> None:
 
 class DeclaringBackend(FakeBackend):
     """Runs on the host, but declares what it cannot isolate (process_isolation, private_loopback,
-    private_mount_sources false)."""
+    private_mount_sources, private_supervisor false)."""
 
     def capabilities(self) -> SandboxCapabilities:
         return ISOLATING.model_copy(update={"process_isolation": False, "private_loopback": False,
-                                            "private_mount_sources": False})
+                                            "private_mount_sources": False, "private_supervisor": False})
 
 
 @pytest.mark.parametrize("case_id", ["escape.proc.host_visible", "escape.leak.hostname"])
@@ -367,3 +368,70 @@ def test_host_paths_declared_gap_covers_mount_sources_but_never_the_session_id()
     leaking.exec_fn = _binds_showing(lambda: list(leaking.sessions), with_id=True)
     result = one(leaking, "escape.leak.host_paths")
     assert result.verdict is Verdict.ESCAPED and "session's id" in result.detail, result
+
+
+def _result(report: dict[str, Any]) -> ExecResult:
+    return ExecResult(stdout="stockade-escape-" + "result " + json.dumps(report) + "\n", exit_code=0)
+
+
+def _readable_supervisor(*, leaks_secret: bool) -> ExecFn:
+    """A guest whose pid 1 /proc entries open (as under gVisor); ``leaks_secret``: another exec's secret shows
+    in them too."""
+    secrets_seen: list[str] = []
+
+    async def run(spec: SandboxSpec, request: ExecRequest) -> ExecResult:
+        if "STOCKADE_ESCAPE_SECRET" in request.env:
+            secrets_seen.append(request.env["STOCKADE_ESCAPE_SECRET"])
+            return ExecResult(exit_code=0)
+        if "process_vm_readv" not in " ".join(request.argv):
+            return await on_host(spec, request)
+        environ = "PATH=/bin\0" + (f"STOCKADE_ESCAPE_SECRET={secrets_seen[-1]}\0" if leaks_secret else "")
+        return _result({"targets": {"1": {"ptrace_seize": "Operation not permitted", "mem": "error: denied",
+                                          "environ": "opened", "environ_text": environ, "maps": "opened",
+                                          "fd": "resolved 3 of 3"}}})
+    return run
+
+
+def test_supervisor_declared_gap_covers_reading_it_but_never_another_execs_secret() -> None:
+    declared = one(DeclaringBackend(_readable_supervisor(leaks_secret=False)), "escape.proc.ptrace_supervisor")
+    assert declared.verdict is Verdict.NOT_APPLICABLE, declared
+    assert "private_supervisor=false" in declared.detail and "pid 1 environ: opened" in declared.detail
+    claimed = one(FakeBackend(_readable_supervisor(leaks_secret=False)), "escape.proc.ptrace_supervisor")
+    assert claimed.verdict is Verdict.ESCAPED, claimed
+    leaking = one(DeclaringBackend(_readable_supervisor(leaks_secret=True)), "escape.proc.ptrace_supervisor")
+    assert leaking.verdict is Verdict.ESCAPED and "secret in environ of ['1']" in leaking.detail, leaking
+
+
+class _OomEndsSession(FakeBackend):
+    """The memory bomb is OOM-killed and takes the session with it (as under gVisor)."""
+
+    def __init__(self, *, stopped: bool) -> None:
+        super().__init__(on_host)
+        self.stopped = stopped  # False: the limit is not enforced at all
+        self.dead: set[str] = set()
+
+    async def exec(self, session_id: str, request: ExecRequest) -> ExecResult:
+        self._spec(session_id)
+        if session_id in self.dead:
+            raise LifecycleError(f"session {session_id!r} is not running (killed for exceeding its memory limit)")
+        if "256" not in request.argv:
+            return await super().exec(session_id, request)
+        if not self.stopped:
+            return ExecResult(stdout="".join(f"allocated {n}\n" for n in range(8, 257, 8)), exit_code=0)
+        self.dead.add(session_id)
+        return ExecResult(stdout="allocated 8\nallocated 16\n", exit_code=137, oom_killed=True)
+
+
+class _DeclaresOom(_OomEndsSession):
+    def capabilities(self) -> SandboxCapabilities:
+        return ISOLATING.model_copy(update={"oom_keeps_session": False})
+
+
+def test_memory_bomb_declared_gap_covers_a_lost_session_but_never_an_unenforced_limit() -> None:
+    declared = one(_DeclaresOom(stopped=True), "escape.res.memory_bomb")
+    assert declared.verdict is Verdict.NOT_APPLICABLE, declared
+    assert "oom_keeps_session=false" in declared.detail and "took the session" in declared.detail
+    claimed = one(_OomEndsSession(stopped=True), "escape.res.memory_bomb")
+    assert claimed.verdict is Verdict.OVERREFUSED and "took the session" in claimed.detail, claimed
+    unenforced = one(_DeclaresOom(stopped=False), "escape.res.memory_bomb")
+    assert unenforced.verdict is Verdict.ESCAPED, unenforced

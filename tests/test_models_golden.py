@@ -261,6 +261,8 @@ def test_capabilities_harn_flags_first_in_harn_order() -> None:
             "private_filesystem_view": True,
             "private_loopback": True,
             "private_mount_sources": True,
+            "private_supervisor": True,
+            "oom_keeps_session": True,
         },
     )
 

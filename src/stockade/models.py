@@ -648,3 +648,13 @@ class SandboxCapabilities(_Model):
     # ``podman`` with runc, whose engine shows every mount's source and its own data root). The session's id
     # must not show either way.
     private_mount_sources: bool = True
+    # True (the contract's default): a command cannot read the /proc entries (environ, maps, fd links) of the
+    # session's own supervisor processes (the guest's init, whatever started the command), which run as another uid
+    # or are not dumpable. False is declared where the guest's kernel does not apply that check (``docker`` with
+    # gVisor: Debian's runsc lets any uid open them). Another exec's secret reaching a command is an escape either
+    # way.
+    private_supervisor: bool = True
+    # True (the contract's default): a command killed for exceeding ``limits.memory_mb`` leaves the session
+    # running, so its next exec works. False is declared where the limit's OOM kill takes the whole sandbox
+    # (``docker`` with gVisor, whose processes all live in one host process): the session is then dead.
+    oom_keeps_session: bool = True

@@ -229,7 +229,10 @@ async def ptrace_host(ctx: CaseContext) -> Finding:
 @case("escape.proc.ptrace_supervisor")
 async def ptrace_supervisor(ctx: CaseContext) -> Finding:
     """The session's own supervisor (pid 1 of the guest, or whatever started the command) cannot be traced or
-    read by a command, so a secret in another exec's request (its environment) stays out of reach."""
+    read by a command, so a secret in another exec's request (its environment) stays out of reach.
+
+    A backend that declares ``private_supervisor`` false ends ``not_applicable`` when /proc entries open, unless
+    the secret shows in them."""
     secret = token("supervisor-secret-")
     async with ctx.session() as session:
         await need_python(ctx, session.id)
@@ -243,7 +246,9 @@ async def ptrace_supervisor(ctx: CaseContext) -> Finding:
     gained = _gained(outcomes)
     leaked = [pid for pid, o in outcomes.items() if secret in o.get("environ_text", "")]
     if leaked or gained:
-        return escaped(f"the supervisor is reachable from a command: {gained}; secret in environ of {leaked}")
+        seen = f"the supervisor is reachable from a command: {gained}; secret in environ of {leaked}"
+        # A declared gap covers reading the supervisor, never another exec's secret showing up there.
+        return (None if leaked else declared_absent(ctx, "private_supervisor", seen)) or escaped(seen)
     require(bool(outcomes), "the trace probe reported no target", result)
     return conforms(f"supervisor pids {targets}: no attach, no memory, environ or fd access")
 

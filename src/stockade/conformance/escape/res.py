@@ -19,10 +19,11 @@ from pathlib import Path
 
 import anyio
 
-from ...errors import SandboxError
+from ...errors import LifecycleError, SandboxError
 from ...models import ResourceLimits
 from ..context import CaseContext, Finding, case, conforms, escaped, not_measured, overrefused, show
 from ._canaries import Sampler, host_rss_bytes, processes_with
+from ._declared import declared_absent
 from ._support import alive_after, gated, need_python, parse, require, run_py, source, unconfined, wait_until
 
 __all__: list[str] = []
@@ -108,7 +109,8 @@ emit({"allocated": total})
 @case("escape.res.memory_bomb")
 async def memory_bomb(ctx: CaseContext) -> Finding:
     """Under memory_mb=64, touching 256 MiB is stopped (OOM kill or MemoryError) before the guest holds much
-    more than 64 MiB (sampled on the host), and the session then allocates 16 MiB again."""
+    more than 64 MiB (sampled on the host), and the session then allocates 16 MiB again (unless the backend
+    declares ``oom_keeps_session`` false and the OOM kill ended the session: ``not_applicable``)."""
     limit = 64
     spec = ctx.spec(limits=ResourceLimits(memory_mb=limit))
     await gated(ctx, spec, "a memory limit")
@@ -125,10 +127,18 @@ async def memory_bomb(ctx: CaseContext) -> Finding:
         big = await ctx.exec(session.id, "python3", "-I", "-c", source(_ALLOC), "8", str(4 * limit), needle,
                              timeout=60)
         peak = sampler.stop()
-        small, _ = await run_py(ctx, session.id, _ALLOC, "8", "16", timeout=60)
+        try:
+            small, _ = await run_py(ctx, session.id, _ALLOC, "8", "16", timeout=60)
+        except LifecycleError as exc:
+            if not big.oom_killed:
+                raise
+            small = {"session": str(exc)}  # the OOM kill took the session (judged below)
     reached = [line for line in big.stdout.splitlines() if line.startswith("allocated")]
     if f"allocated {4 * limit}" in reached or peak > (limit + 24) * MiB:
         return escaped(f"memory_mb={limit} not enforced: {reached[-1:] or 'nothing'}; host saw {peak // MiB} MiB")
+    if "session" in small:
+        measured = f"the bomb was OOM-killed at {reached[-1] if reached else 'the start'} MiB and took the session"
+        return declared_absent(ctx, "oom_keeps_session", measured) or overrefused(f"{measured}: {small['session']}")
     if small.get("allocated") != 16:
         return overrefused(f"after the bomb, 16 MiB could not be allocated: {small}")
     stopped = "oom_killed" if big.oom_killed else ("MemoryError" if "MemoryError" in big.stderr else show(big, 120))
