@@ -482,3 +482,47 @@ def test_cli_image_build(daemon: PrivateDockerd, capsys: pytest.CaptureFixture[s
         engine.close()
     # A base it does not know is a usage error (exit 125), not a build.
     assert main(["image", "build", "--host", daemon.url, "--base", "alpine"]) == 125
+
+
+# ------------------------------------------------------------------------ the seccomp loader (gVisor execs)
+
+
+def test_seccomp_loader_filters_the_command_and_fails_closed(tmp_path: Path) -> None:
+    """On the host: with its filter the command runs with Seccomp 2 and unshare refused; without a usable filter
+    (missing, truncated) the command never runs (a canary file is not created); a missing command is 127."""
+    import subprocess
+
+    from stockade.backends.docker._seccomp_exec import loader_and_filter, start_error
+
+    loader, bpf = loader_and_filter(tmp_path)
+    assert (loader.stat().st_mode & 0o777, bpf.stat().st_mode & 0o777) == (0o555, 0o444)
+    assert loader_and_filter(tmp_path) == (loader, bpf)  # built once per source version
+    script = "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; unshare -U true 2>/dev/null || echo refused"
+    ok = subprocess.run([loader, bpf, "--", "sh", "-c", script], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and ok.stdout.split() == ["NoNewPrivs:", "1", "Seccomp:", "2", "refused"], ok
+    bad = tmp_path / "bad.bpf"
+    bad.write_bytes(bpf.read_bytes()[:-3])
+    canary = tmp_path / "ran"
+    for filt in (tmp_path / "missing.bpf", bad):
+        out = subprocess.run([loader, filt, "--", "touch", canary], capture_output=True, check=False)
+        assert out.returncode == 125 and not canary.exists(), out
+        assert (start_error("touch", out.returncode, out.stdout, out.stderr) or "").startswith(
+            "the sandbox's seccomp filter could not be loaded")
+    missing = subprocess.run([loader, bpf, "--", "no-such-command-x"], capture_output=True, check=False)
+    assert missing.returncode == 127
+    assert start_error("no-such-command-x", 127, missing.stdout, missing.stderr) == (
+        "command not found: 'no-such-command-x'")
+    # A command that merely exits 127 with output of its own is not mistaken for a start failure.
+    assert start_error("sh", 127, b"", b"sh: x: not found") is None
+
+
+def test_gvisor_execs_are_filtered_and_devices_covered(gvisor: DockerBackend) -> None:
+    sid = provision(gvisor)
+    out = sh(gvisor, sid, "grep -E '^Seccomp:' /proc/self/status; unshare -U true 2>/dev/null || echo refused; "
+                          "mknod /tmp/null c 1 3 2>/dev/null || echo no-dev; mkfifo /tmp/fifo && echo fifo; "
+                          "test -c /dev/fuse || echo fuse-covered; test -c /dev/net/tun || echo tun-covered")
+    assert out.stdout.split() == ["Seccomp:", "2", "refused", "no-dev", "fifo", "fuse-covered", "tun-covered"], out
+    with pytest.raises(ExecError, match="command not found"):
+        anyio.run(gvisor.exec, sid, ExecRequest.parse({"command": "no-such-command-x"}))
+    caps = gvisor.capabilities()
+    assert (caps.private_supervisor, caps.oom_keeps_session) == (False, False)

@@ -17,8 +17,12 @@ Where it differs from the contract's documentation (``stockade.backend``):
   keep the running processes too (``docker checkpoint``; ``capabilities().memory_snapshot``), and a session
   started ``from_snapshot`` continues them. A process that still holds an exec's stdin/stdout/stderr cannot be
   checkpointed by gVisor: such a snapshot is refused with the reason (redirect background processes' stdio).
-- Under gVisor a memory-limit OOM kills the whole sandbox (the session is then dead; terminate it), and no
-  pids limit is offered (gVisor's own threads count against it and a low limit stops it from booting).
+- Under gVisor every exec starts through a static seccomp loader (``_seccomp_exec``; compiled on this host, so
+  gVisor sessions need a C compiler and a static libc), because Debian's runsc filters only the container's
+  init and its descendants; gVisor's own ``/dev/fuse`` and ``/dev/net/tun`` are covered by empty files.
+- Under gVisor a memory-limit OOM kills the whole sandbox (the session is then dead; terminate it;
+  ``oom_keeps_session`` false), a command can read the init's ``/proc`` entries (``private_supervisor`` false),
+  and no pids limit is offered (gVisor's own threads count against it and a low limit stops it from booting).
 - Suspend on idle is not offered; ``suspend()`` / ``resume`` pause and unpause the container.
 """
 
@@ -75,6 +79,9 @@ from ._engine import Engine, EngineNotFound, ExecOutcome, default_base_url
 from ._host import check_source, chown_tree, helper_processes, kill_and_wait, oom_kills
 from ._kill import GUEST_KILLER, host_kill_tree
 from ._seccomp import profile_json
+from ._seccomp_exec import FILTER as SECCOMP_FILTER
+from ._seccomp_exec import LOADER as SECCOMP_LOADER
+from ._seccomp_exec import loader_and_filter, start_error
 from ._store import Store, default_state_root
 
 __all__ = ["DEFAULT_IMAGE", "DockerBackend", "probe"]
@@ -98,6 +105,8 @@ DEFAULT_TMP_MB = 512
 LABEL_SESSION = "stockade.session"
 LABEL_STATE = "stockade.state"
 KEEPALIVE = ["sleep", "2147483647"]
+GVISOR_DEVICES = ("/dev/fuse", "/dev/net/tun")
+"""Devices of gVisor's own /dev that a guest must not reach; each is covered by an empty read-only file."""
 
 Runtime = Literal["runc", "runsc"]
 
@@ -221,6 +230,11 @@ class DockerBackend(SandboxBackend):
             # runc: the engine shows every mount's host source (and its own data root) in mountinfo; gVisor's
             # gofer shows none.
             private_mount_sources=gvisor,
+            # gVisor: Debian's runsc opens another uid's /proc/<pid>/environ, maps and fd links (the container's
+            # init and keep-alive hold no request data, but the check is missing); and the memory limit's OOM kill
+            # takes the whole sandbox.
+            private_supervisor=not gvisor,
+            oom_keeps_session=not gvisor,
         )
 
     # ------------------------------------------------------------------------------------------- provision
@@ -266,7 +280,8 @@ class DockerBackend(SandboxBackend):
             if manifest is not None:
                 self._restore_dirs(manifest, sdir, mounts, owned)
             exec_init = self._exec_init_copy()
-            config = self._container_config(spec, session_id, mounts, exec_init)
+            seccomp_exec = loader_and_filter(self.store.root) if self.runtime == "runsc" else None
+            config = self._container_config(spec, session_id, mounts, exec_init, seccomp_exec)
             container_id = self.engine.create(f"stockade-{session_id}", config)
             if manifest is not None and manifest["keeps"] == "processes":
                 self._start_from_checkpoint(container_id, Path(manifest["path"]) / "checkpoint")
@@ -292,6 +307,7 @@ class DockerBackend(SandboxBackend):
                 "owned_mounts": owned,
                 "from_snapshot": spec.from_snapshot,
                 "exec_init": EXEC_INIT if exec_init is not None else None,
+                "seccomp_exec": seccomp_exec is not None,
                 "network_policy": spec.network_policy.to_json(),
                 "gateway": gateway.data if gateway is not None else None,
                 "gateway_failures": [],
@@ -371,6 +387,14 @@ class DockerBackend(SandboxBackend):
         self._exec_init = dest
         return dest
 
+    def _empty_file(self) -> Path:
+        path = self.store.root / "empty"
+        if not path.is_file() or path.stat().st_size:
+            tmp = path.with_name(f".empty.{os.getpid()}.{secrets.token_hex(4)}")
+            tmp.touch(mode=0o444)
+            os.replace(tmp, path)
+        return path
+
     def _sealed(self, mount: dict[str, Any], session_id: str) -> dict[str, Any]:
         """A read-only directory bind of the spec as a sealed overlay volume, where the engine can make one.
 
@@ -412,12 +436,29 @@ class DockerBackend(SandboxBackend):
         }
 
     def _container_config(
-        self, spec: SandboxSpec, session_id: str, mounts: list[dict[str, Any]], exec_init: Path | None = None
+        self,
+        spec: SandboxSpec,
+        session_id: str,
+        mounts: list[dict[str, Any]],
+        exec_init: Path | None = None,
+        seccomp_exec: tuple[Path, Path] | None = None,
     ) -> dict[str, Any]:
         limits = spec.limits
         tmp_mb = limits.tmp_mb or self.default_tmp_mb
         if exec_init is not None:
             mounts = [*mounts, _bind(str(exec_init), EXEC_INIT, read_only=True)]
+        if seccomp_exec is not None:
+            loader, bpf = seccomp_exec
+            mounts = [
+                *mounts,
+                _bind(str(loader), SECCOMP_LOADER, read_only=True),
+                _bind(str(bpf), SECCOMP_FILTER, read_only=True),
+            ]
+        if self.runtime == "runsc":
+            # gVisor's /dev has its own FUSE and TUN devices, which any uid may open (escape.fs.dev): an empty
+            # read-only file covers each. runc's /dev has neither.
+            empty = self._empty_file()
+            mounts = [*mounts, *(_bind(str(empty), device, read_only=True) for device in GVISOR_DEVICES)]
         mounts = [self._sealed(m, session_id) for m in mounts]
         host: dict[str, Any] = {
             "Init": True,
@@ -623,7 +664,9 @@ class DockerBackend(SandboxBackend):
 
     def _wrap(self, argv: list[str], record: dict[str, Any]) -> list[str]:
         if record["runtime"] == "runsc":
-            return argv  # no PR_SET_CHILD_SUBREAPER in Debian's runsc: the tree is found by environment
+            # No PR_SET_CHILD_SUBREAPER in Debian's runsc (the tree is found by environment), but the seccomp
+            # filter that runsc does not give execs (see _seccomp_exec).
+            return [SECCOMP_LOADER, SECCOMP_FILTER, "--", *argv] if record.get("seccomp_exec") else argv
         return [record.get("exec_init") or self.init_path, *self.init_args, "--", *argv]
 
     def _run(
@@ -660,7 +703,10 @@ class DockerBackend(SandboxBackend):
                 out.start_error = f"command not found: {argv[0]!r}"
             else:
                 out.start_error = f"cannot start {argv[0]!r}: {text.strip()}"
-        elif (self.init_exec_failure is not None and record["runtime"] != "runsc" and not out.stdout
+        elif record["runtime"] == "runsc":
+            if record.get("seccomp_exec"):
+                out.start_error = start_error(argv[0], out.exit_code, out.stdout, out.stderr)
+        elif (self.init_exec_failure is not None and not out.stdout
               and self.init_exec_failure.fullmatch(out.stderr.decode(errors="replace").strip())):
             out.start_error = f"command not found: {argv[0]!r}"
         return out

@@ -9,6 +9,9 @@ Layout under the state root (0700)::
     sessions/<key>/mounts/<n>/     mounts with an empty source (session-owned)
     snapshots/<snapshot id>/      manifest.json, files.tar.gz, checkpoint/ (outlive the session)
     exec-init                     the engine's init, execute-only, that wraps each exec (runc)
+    seccomp-exec-<hash>           the static seccomp loader that wraps each exec (gVisor), and
+    seccomp-<hash>.bpf            the filter it loads
+    empty                         an empty read-only file, bound over gVisor's /dev/fuse and /dev/net/tun
 
 ``<key>`` is a one-way function of the session id (:func:`session_key`), not the id: the engine shows each
 bind's host path inside the container (``/proc/self/mountinfo``), and the id is the handle that controls the

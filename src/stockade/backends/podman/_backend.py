@@ -51,9 +51,15 @@ class PodmanBackend(DockerBackend):
             os.replace(tmp, path)
         return f"seccomp={path}"
 
-    def _container_config(self, spec: SandboxSpec, session_id: str, mounts: list[dict[str, Any]],
-                          exec_init: Path | None = None) -> dict[str, Any]:
-        config = super()._container_config(spec, session_id, mounts, exec_init)
+    def _container_config(
+        self,
+        spec: SandboxSpec,
+        session_id: str,
+        mounts: list[dict[str, Any]],
+        exec_init: Path | None = None,
+        seccomp_exec: tuple[Path, Path] | None = None,
+    ) -> dict[str, Any]:
+        config = super()._container_config(spec, session_id, mounts, exec_init, seccomp_exec)
         # With a read-only root, Podman adds writable tmpfs mounts of its own on /run and /var/tmp (mode 1777
         # where the image has it, no size limit: a disk fill past tmp_mb), and its compatible API has no switch
         # to leave them out. Tiny root-owned ones in their place keep the guest's writable space to /tmp.
