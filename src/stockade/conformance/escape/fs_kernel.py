@@ -9,7 +9,11 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 from pathlib import Path
+
+import anyio
+import anyio.to_thread
 
 from ..context import CaseContext, Finding, case, conforms, escaped, not_measured, overrefused
 from ._support import (
@@ -161,10 +165,10 @@ async def setuid(ctx: CaseContext) -> Finding:
     """A setuid-root and a setgid-root copy of ``id``, placed by the host in a mounted directory, run without
     changing the guest's effective ids (nosuid mounts, unmapped root, no_new_privs)."""
     await _gate(ctx)
-    id_path = shutil.which("id")
+    directory = ctx.host_dir(0o755)
+    id_path = await anyio.to_thread.run_sync(_static_id, directory) or shutil.which("id")
     if os.geteuid() != 0 or id_path is None:
         return not_measured("staging a setuid-root binary needs root on the host and coreutils' id")
-    directory = ctx.host_dir(0o755)
     for name, mode in (("suid-id", 0o4755), ("sgid-id", 0o2755), ("plain-id", 0o755)):
         target = directory / name
         shutil.copy(id_path, target)
@@ -182,8 +186,43 @@ async def setuid(ctx: CaseContext) -> Finding:
         return escaped(f"a setuid/setgid binary changed the guest's effective ids: {gained}")
     require(alive and len(lines) == 3, "the guest did not run the setuid probe", result)
     if "uid=" not in lines["@plain-id"]:
-        return not_measured(f"the host's id does not run in this guest (another image or libc): {lines['@plain-id']}")
+        return not_measured(f"id (static where a C compiler was found, else the host's) does not run in this "
+                            f"guest: {lines['@plain-id']}")
     return conforms(f"setuid and setgid copies ran without new ids: {lines['@suid-id']}")
+
+
+# The ids as coreutils' id prints them (euid=/egid= only when they differ from the real ones), built static so
+# it runs in any image: the host's own id needs the host's shared libraries (libselinux), which an image lacks.
+_ID_SOURCE = r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    uid_t uid = getuid(), euid = geteuid();
+    gid_t gid = getgid(), egid = getegid();
+    printf("uid=%u gid=%u", (unsigned)uid, (unsigned)gid);
+    if (euid != uid) printf(" euid=%u", (unsigned)euid);
+    if (egid != gid) printf(" egid=%u", (unsigned)egid);
+    printf("\n");
+    return 0;
+}
+"""
+
+
+def _static_id(directory: Path) -> str | None:
+    """A static ``id`` built with the host's C compiler in ``directory`` (removed with it), or None."""
+    cc = shutil.which(os.environ.get("CC") or "cc")
+    if cc is None:
+        return None
+    source, binary = directory / "id.c", directory / "static-id"
+    source.write_text(_ID_SOURCE)
+    try:
+        proc = subprocess.run([cc, "-static", "-Os", "-o", str(binary), str(source)],
+                              capture_output=True, timeout=120, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    finally:
+        source.unlink(missing_ok=True)
+    return str(binary) if proc.returncode == 0 and binary.is_file() else None
 
 
 _SYS_WRITE = """
