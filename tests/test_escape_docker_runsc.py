@@ -19,21 +19,7 @@ from stockade.conformance.pytest_plugin import make_escape_tests
 _STATE = Path(tempfile.mkdtemp(prefix="stockade-escape-runsc-"))
 atexit.register(shutil.rmtree, _STATE, True)  # every case terminates its sessions; this removes the empty store
 
-KNOWN_ESCAPES = {
-    "escape.fs.mknod": "escape: execs run without the seccomp profile under this runsc, so mknod of null, mem, "
-                       "kmsg and a disk succeeds in the Sentry",
-    "escape.fs.dev": "escape: gVisor's /dev offers /dev/fuse and /dev/net/tun (Sentry devices), and both open",
-    "escape.proc.ptrace_supervisor": "escape: gVisor's /proc lets a command open pid 1's environ and maps and "
-                                     "resolve its fd links",
-    "escape.proc.caps_seccomp_every_thread": "escape: execs run with Seccomp=0 under this runsc (every thread "
-                                             "and a command two execs deep)",
-    "escape.proc.blocked_syscalls": "escape: execs run without the seccomp profile under this runsc, so unshare "
-                                    "and clone(CLONE_NEWNS) succeed and the rest reach the Sentry",
-    "escape.proc.userns_nesting": "escape: execs run without the seccomp profile under this runsc, so a nested "
-                                  "user namespace is created",
-    "escape.res.memory_bomb": "probe_broken: the OOM kill takes the whole gVisor sandbox, so the session cannot "
-                              "run the probe's next command",
-}
+KNOWN_ESCAPES: dict[str, str] = {}
 
 
 def _backend() -> DockerBackend:
