@@ -17,11 +17,7 @@ from stockade.conformance.pytest_plugin import make_escape_tests
 _STATE = Path(tempfile.mkdtemp(prefix="stockade-escape-podman-"))
 atexit.register(shutil.rmtree, _STATE, True)  # every case terminates its sessions; this removes the empty store
 
-KNOWN_ESCAPES = {
-    "escape.net.unix_in_ro_mount": "escape: a host daemon's unix socket in a read-only mount answers connect() "
-                                   "(Podman's read-only mounts are plain binds: its compatible API ignores an "
-                                   "inline volume's driver options); fix pending in podman",
-}
+KNOWN_ESCAPES: dict[str, str] = {}
 
 
 def _backend() -> PodmanBackend:

@@ -75,6 +75,7 @@ __all__ = [
     "MountRequest",
     "attach_all_into_namespace",
     "attach_into_namespace",
+    "detach",
     "mount_setattr",
     "move_mount",
     "new_mount_api_available",
@@ -83,6 +84,7 @@ __all__ = [
     "openat2",
     "run_attach_all_helper",
     "run_attach_helper",
+    "seal_at",
     "sealed_overlay",
     "setns",
     "unshare",
@@ -114,6 +116,8 @@ MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MS_PRIVATE = 1 << 18
+_MNT_DETACH = 2
+_AT_FDCWD = -100
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
@@ -474,6 +478,34 @@ def _detached(request: MountRequest) -> tuple[int, bool, bool]:
         raise
     os.close(tree)
     return sealed, directory, True
+
+
+def seal_at(source: str, target: str) -> bool:
+    """Mount a sealed read-only view of the host directory ``source`` (see :func:`sealed_overlay`) on the empty
+    directory ``target``, in this process's own mount namespace, for a container engine to bind from there.
+
+    Returns False, with nothing mounted, when ``source`` is not a directory or the kernel refuses the overlay;
+    raises OSError for a source that cannot be opened (a symlink in its path among them). The caller owns the
+    mount: :func:`detach` it when done.
+    """
+    tree, directory, sealed = _detached(MountRequest(source, target, True))
+    try:
+        if not (directory and sealed):
+            return False
+        move_mount(tree, "", _AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH)
+        return True
+    finally:
+        os.close(tree)
+
+
+def detach(path: str) -> bool:
+    """Lazily unmount the mount at ``path`` (``MNT_DETACH``); False when nothing is mounted there."""
+    if _libc.umount2(_path(path), _MNT_DETACH) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOENT):  # not a mount point, or gone
+        return False
+    raise OSError(err, f"umount2: {os.strerror(err)}", path)
 
 
 def attach_all_into_namespace(userns_fd: int, mntns_fd: int, requests: list[MountRequest]) -> list[AttachResult]:

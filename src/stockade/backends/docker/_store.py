@@ -7,6 +7,7 @@ Layout under the state root (0700)::
     sessions/<key>/outputs/        bound at /mnt/session/outputs
     sessions/<key>/memory/         bound at /mnt/memory
     sessions/<key>/mounts/<n>/     mounts with an empty source (session-owned)
+    sessions/<key>/sealed/<hash>/  podman: a read-only directory of the spec, mounted sealed here on the host
     snapshots/<snapshot id>/      manifest.json, files.tar.gz, checkpoint/ (outlive the session)
     exec-init                     the engine's init, execute-only, that wraps each exec (runc)
     seccomp-exec-<hash>           the static seccomp loader that wraps each exec (gVisor), and
@@ -23,12 +24,14 @@ by a crashed process are found by label (:meth:`DockerBackend.gc`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from ...linux import mounts
 from .. import _records as records
 
 __all__ = ["Store", "default_state_root", "session_key"]
@@ -98,7 +101,17 @@ class Store:
         except OSError:
             return []
 
+    def sealed_dir(self, session_id: str, target: str) -> Path:
+        """Where the read-only directory the guest sees at ``target`` is mounted sealed on the host (podman)."""
+        return self.session_dir(session_id) / "sealed" / hashlib.sha256(target.encode()).hexdigest()[:16]
+
     def remove_session(self, session_id: str) -> None:
+        sealed = self.session_dir(session_id) / "sealed"
+        # Unmounted first: rmtree would descend into a mount (read-only, so it would only fail, but never leave
+        # a mount behind a removed session).
+        with contextlib.suppress(OSError):
+            for point in sealed.iterdir():
+                mounts.detach(str(point))
         shutil.rmtree(self.session_dir(session_id), ignore_errors=True)
 
     def snapshot_dir(self, snapshot_id: str) -> Path:
