@@ -135,6 +135,13 @@ def _start() -> PrivateDockerd:
             "runsc": {"path": shutil.which("runsc"), "runtimeArgs": ["--network=none", "--oci-seccomp"]}
         }
     (root / "daemon.json").write_text(json.dumps(config))
+    # containerd stages each runsc checkpoint in a ctrd-checkpoint* directory under its TMPDIR and leaves it
+    # there (and dumps its stacks there): a directory of the daemon's own, so they go with it at stop. runsc's
+    # sandbox must reach it, so it and the path to it are world-traversable.
+    root.chmod(0o711)
+    tmp = root / "tmp"
+    tmp.mkdir(mode=0o1777)
+    tmp.chmod(0o1777)
     log = open(root / "dockerd.log", "wb")  # noqa: SIM115 - handed to the daemon
     proc = subprocess.Popen(
         [
@@ -144,6 +151,7 @@ def _start() -> PrivateDockerd:
             "--bridge=none",
         ],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=root,
+        env={**os.environ, "TMPDIR": str(tmp)},
     )
     log.close()
     daemon = PrivateDockerd(root, proc, runsc)
