@@ -298,18 +298,26 @@ async def _snapshot_restore(system: SystemResult, backend: SandboxBackend, sessi
     system.put("snapshot", summarise(ms(samples), "ms", cfg.snapshot_warmup, **extra))
 
     # Restored = provisioned from the snapshot and the random file is back, whole.
-    check = ExecRequest(command="sh", args=("-c", f"stat -c %s {SESSION_FILES[0]}"))
-    restore_spec = SandboxSpec(network_policy=spec.network_policy, from_snapshot=snapshot_id)
     samples = []
     for i in range(cfg.snapshot_warmup + cfg.snapshot_runs):
-        restored, elapsed = await sessions.provision_ready(restore_spec, check)
-        size = (await backend.exec(restored.id, check)).stdout.strip()
-        await sessions.terminate(restored.id)
-        if size != str(half):
-            raise RuntimeError(f"the restored session has {size or 'no'} bytes in the random file, not {half}")
+        elapsed = await _restore_and_check(backend, sessions, spec, snapshot_id, SESSION_FILES[0], half)
         if i >= cfg.snapshot_warmup:
             samples.append(elapsed)
     system.put("restore", summarise(ms(samples), "ms", cfg.snapshot_warmup, verified=True, **extra))
+
+
+async def _restore_and_check(backend: SandboxBackend, sessions: Sessions, spec: SandboxSpec, snapshot_id: str,
+                             path: str, size: int) -> float:
+    """Provision a session from ``snapshot_id`` (timed until it answers), check that ``path`` came back with
+    ``size`` bytes, terminate it; returns the provision time in seconds."""
+    check = ExecRequest(command="sh", args=("-c", f"stat -c %s {path}"))  # the path may name a variable
+    restored, elapsed = await sessions.provision_ready(
+        SandboxSpec(network_policy=spec.network_policy, from_snapshot=snapshot_id), check)
+    found = (await backend.exec(restored.id, check)).stdout.strip()
+    await sessions.terminate(restored.id)
+    if found != str(size):
+        raise RuntimeError(f"the restored session has {found or 'no'} bytes in {path}, not {size}")
+    return elapsed
 
 
 async def _memory_snapshot(system: SystemResult, backend: SandboxBackend, sessions: Sessions, spec: SandboxSpec,
@@ -320,7 +328,6 @@ async def _memory_snapshot(system: SystemResult, backend: SandboxBackend, sessio
     checkpoint of one gVisor session fails with the docker backend at present ("id already in use")."""
     n = cfg.memory_snapshot_bytes
     held = "/dev/shm/held.bin"
-    check = ExecRequest(command="stat", args=("-c", "%s", held))
     extra = {"bytes": n, "content": f"{n} random bytes in {held} (memory of the sandbox), a fresh session each"}
     snaps, restores = [], []
     for i in range(cfg.snapshot_warmup + cfg.snapshot_runs):
@@ -333,12 +340,7 @@ async def _memory_snapshot(system: SystemResult, backend: SandboxBackend, sessio
         snap = await backend.snapshot(session.id)
         elapsed = time.perf_counter() - start
         await sessions.terminate(session.id)
-        restored, restore_s = await sessions.provision_ready(
-            SandboxSpec(network_policy=spec.network_policy, from_snapshot=snap.snapshot_id), check)
-        size = (await backend.exec(restored.id, check)).stdout.strip()
-        await sessions.terminate(restored.id)
-        if size != str(n):
-            raise RuntimeError(f"the restored session has {size or 'no'} bytes in {held}, not {n}")
+        restore_s = await _restore_and_check(backend, sessions, spec, snap.snapshot_id, held, n)
         if i >= cfg.snapshot_warmup:
             snaps.append(elapsed)
             restores.append(restore_s)
