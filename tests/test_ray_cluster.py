@@ -28,8 +28,8 @@ from stockade import (
     SessionNotFound,
 )
 from stockade.conformance import ConformanceOptions
-from stockade.conformance.engine import list_cases, run_case
-from stockade.conformance.pytest_plugin import check_result
+from stockade.conformance.engine import list_cases, run_case, select_cases
+from stockade.conformance.pytest_plugin import ESCAPE_OPTIONS, check_result
 
 ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'stockade[ray]'")
 
@@ -291,6 +291,18 @@ def test_conformance_through_ray(cluster: LocalCluster, case: str) -> None:
     async def one() -> Any:
         async with backend_for(cluster, node_backend_options=node_options) as backend:
             return await run_case(backend, case, options)
+
+    check_result(anyio.run(one))
+
+
+@pytest.mark.parametrize("case", select_cases(ESCAPE_OPTIONS))
+def test_escape_through_ray(cluster: LocalCluster, case: str) -> None:
+    """The escape suite (docs/escape-suite.md) through Ray: the sessions run under bwrap on the nodes, which
+    share this host's file systems and pid namespace, so the host canaries still judge them."""
+
+    async def one() -> Any:
+        async with backend_for(cluster) as backend:
+            return await run_case(backend, case, ESCAPE_OPTIONS)
 
     check_result(anyio.run(one))
 

@@ -708,8 +708,15 @@ class RayBackend(SandboxBackend):
     # ---------------------------------------------------------------------------------------- terminate
 
     async def terminate(self, session_id: str) -> None:
+        validate_session_id(session_id)
         self._records.pop(session_id, None)  # from the directory, not the cache: another driver may have ended it
-        record = await self._record(session_id, allow_lost=True)
+        # Claimed in the directory first (atomically): of two concurrent terminates, from any drivers, one does
+        # the work and the other gets SessionNotFound, as on the node backends.
+        record = await self._dir("claim", session_id)
+        if record is None:
+            raise SessionNotFound(session_id)
+        if not record.get("node_id") and not record.get("lost"):
+            raise LifecycleError(f"session {session_id!r} is still being placed")
         if not record.get("lost"):
             try:
                 await self._call(record, "terminate", session_id)
@@ -718,6 +725,7 @@ class RayBackend(SandboxBackend):
             except LifecycleError:
                 fresh = await self._dir("get", session_id)
                 if fresh is None or not fresh.get("lost"):
+                    await self._dir("update", session_id, {"terminating": False})  # a later terminate may retry
                     raise
         self._records.pop(session_id, None)
         await self._blocking(self._remove_group, record.get("pg"))

@@ -40,6 +40,17 @@ class _Directory:
         record.update(fields)
         return dict(record)
 
+    async def claim(self, session_id: str) -> dict[str, Any] | None:
+        """Take ``session_id`` for termination: its record for the first caller; None when it is unknown or
+        another caller claimed it first (so of two concurrent terminates one ends the session and the other is
+        told it is gone). A session still being placed (no node yet) is returned unclaimed."""
+        record = self.sessions.get(session_id)
+        if record is None or record.get("terminating"):
+            return None
+        if record.get("node_id") or record.get("lost"):
+            record["terminating"] = True
+        return dict(record)
+
     async def get(self, session_id: str) -> dict[str, Any] | None:
         record = self.sessions.get(session_id)
         return dict(record) if record is not None else None
