@@ -526,3 +526,6 @@ def test_gvisor_execs_are_filtered_and_devices_covered(gvisor: DockerBackend) ->
         anyio.run(gvisor.exec, sid, ExecRequest.parse({"command": "no-such-command-x"}))
     caps = gvisor.capabilities()
     assert (caps.private_supervisor, caps.oom_keeps_session) == (False, False)
+    session = anyio.run(gvisor.get_session, sid)
+    sandbox = Path(f"/proc/{session.metadata['sandbox_pid']}/cmdline").read_bytes()
+    assert sandbox.startswith(b"runsc-sandbox"), sandbox[:80]

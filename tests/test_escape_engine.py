@@ -12,6 +12,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -435,3 +436,31 @@ def test_memory_bomb_declared_gap_covers_a_lost_session_but_never_an_unenforced_
     assert claimed.verdict is Verdict.OVERREFUSED and "took the session" in claimed.detail, claimed
     unenforced = one(_DeclaresOom(stopped=False), "escape.res.memory_bomb")
     assert unenforced.verdict is Verdict.ESCAPED, unenforced
+
+
+def test_sandbox_tree_follows_the_named_process_and_its_descendants() -> None:
+    """The host processes that hold a guest (gVisor's sandbox) are found from ``sandbox_pid`` with every
+    descendant, and count as gone once they exit; no or a bad pid names nothing."""
+    from stockade.conformance.escape._canaries import sandbox_tree, still_running
+
+    proc = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"])
+    try:
+        tree: dict[int, int] = {}
+        for _ in range(50):  # until both children are there
+            tree = sandbox_tree({"sandbox_pid": str(proc.pid)})
+            if len(tree) == 3:
+                break
+            time.sleep(0.05)
+        assert proc.pid in tree and len(tree) == 3, tree
+        assert still_running(tree) == sorted(tree)
+    finally:
+        subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)], check=False)
+        proc.kill()
+        proc.wait()
+    for _ in range(50):
+        if not still_running(tree):
+            break
+        time.sleep(0.05)
+    assert still_running(tree) == []
+    assert still_running({os.getpid(): 1}) == []  # same pid, another start time: not the same process
+    assert sandbox_tree({}) == {} and sandbox_tree({"sandbox_pid": "x"}) == {}

@@ -557,6 +557,10 @@ class DockerBackend(SandboxBackend):
             metadata["gateway"] = "running" if gateway.alive() else "down (no egress; restarted on next use)"
         if record.get("gateway_failures"):
             metadata["gateway_failures"] = str(len(record["gateway_failures"]))
+        if record["runtime"] == "runsc" and state is not None and state.get("Running") and state.get("Pid"):
+            # The host process of the gVisor sandbox: every guest process lives inside it and its children, not
+            # as a host process of its own (the escape suite checks they all go with the session).
+            metadata["sandbox_pid"] = str(state["Pid"])
         session_state = SandboxState.RUNNING
         if state is not None and state.get("Paused"):
             session_state = SandboxState.SUSPENDED

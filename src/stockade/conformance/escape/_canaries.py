@@ -25,6 +25,8 @@ __all__ = [
     "Sampler",
     "host_rss_bytes",
     "processes_with",
+    "sandbox_tree",
+    "still_running",
 ]
 
 
@@ -232,3 +234,41 @@ def processes_with(needle: str) -> list[int]:
             found.append(int(entry.name))
     return found
 
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks) of host process ``pid``, or None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return int(fields[1]), int(fields[19])
+
+
+def sandbox_tree(metadata: dict[str, str]) -> dict[int, int]:
+    """The host processes holding a guest whose own processes are not host processes (gVisor: the sandbox
+    process, whose children hold the guest's memory), as pid -> start time, from the session's
+    ``sandbox_pid`` metadata and the host's /proc; empty when the backend names none or it is gone."""
+    try:
+        root = int(metadata.get("sandbox_pid", ""))
+    except ValueError:
+        return {}
+    stats = {pid: st for entry in Path("/proc").iterdir()
+             if entry.name.isdigit() and (st := _stat(pid := int(entry.name))) is not None}
+    if root not in stats:
+        return {}
+    tree = {root: stats[root][1]}
+    grew = True
+    while grew:  # descendants, however deep
+        grew = False
+        for pid, (ppid, start) in stats.items():
+            if ppid in tree and pid not in tree:
+                tree[pid] = start
+                grew = True
+    return tree
+
+
+def still_running(tree: dict[int, int]) -> list[int]:
+    """The pids of ``tree`` (from :func:`sandbox_tree`) still alive as the same processes (start time checked,
+    so a reused pid does not count)."""
+    return sorted(pid for pid, start in tree.items() if (st := _stat(pid)) is not None and st[1] == start)

@@ -29,7 +29,7 @@ from ..context import (
     probe_broken,
     show,
 )
-from ._canaries import processes_with
+from ._canaries import processes_with, sandbox_tree, still_running
 from ._support import (
     CANARY_TARGET,
     canary_dir,
@@ -52,6 +52,10 @@ async def exec_racing_terminate(ctx: CaseContext) -> Finding:
     gone from the host, and the next exec raises SessionNotFound."""
     needle = f"600.{secrets.randbelow(10**9):09d}"
     session = await ctx.provision(ctx.spec())
+    # Where the guest's processes are not host processes (gVisor), they live only inside the sandbox's host
+    # processes, which the backend names: those must go with the session.
+    sandbox = sandbox_tree(session.metadata)
+    seen_inside = False
     outcome: list[str] = []
 
     async def running() -> None:
@@ -66,8 +70,11 @@ async def exec_racing_terminate(ctx: CaseContext) -> Finding:
             tg.start_soon(running)
             started = await wait_until(lambda: bool(processes_with(needle)) or bool(outcome), 5)
             started = started and not outcome
+            if not started and sandbox and not outcome:
+                seen_inside = await _running_in_guest(ctx, session.id, needle)
             await ctx.terminate(session.id)
     left = await wait_until(lambda: not processes_with(needle), 5)
+    sandbox_left = still_running(sandbox) if not await wait_until(lambda: not still_running(sandbox), 10) else []
     try:
         await ctx.exec(session.id, "true")
     except SessionNotFound:
@@ -78,9 +85,32 @@ async def exec_racing_terminate(ctx: CaseContext) -> Finding:
         return overrefused("the running exec never returned after terminate")
     if not left:
         return escaped(f"the exec's process outlived terminate: {processes_with(needle)}")
-    if not started:
-        return not_measured(f"the exec's process was never seen on the host, so its end is unmeasured ({outcome})")
-    return conforms(f"the running exec {outcome[0] if outcome else 'ended'}; its process is gone; next exec: {after}")
+    if sandbox_left:
+        return escaped(f"the sandbox holding the exec's process outlived terminate: host pids {sandbox_left}")
+    if started:
+        return conforms(f"the running exec {outcome[0] if outcome else 'ended'}; its process is gone; next exec: "
+                        f"{after}")
+    if seen_inside:
+        return conforms(f"the running exec {outcome[0] if outcome else 'ended'}; its process (seen in the guest, "
+                        f"not a host process) went with the sandbox's {len(sandbox)} host processes; next exec: "
+                        f"{after}")
+    return not_measured(f"the exec's process was never seen on the host, so its end is unmeasured ({outcome})")
+
+
+async def _running_in_guest(ctx: CaseContext, session_id: str, needle: str) -> bool:
+    """Whether another exec sees the ``sleep <needle>`` process in the guest's /proc (retried for 5 s)."""
+    pattern = "^sleep " + needle.replace(".", "[.]")
+    script = (f"for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < \"$f\" 2>/dev/null; echo; done "
+              f"| grep -c '{pattern}'")
+    for _ in range(10):
+        try:
+            result = await ctx.exec(session_id, "sh", "-c", script, timeout=10)
+        except SandboxError:
+            return False
+        if result.stdout.strip() not in ("", "0"):
+            return True
+        await anyio.sleep(0.5)
+    return False
 
 
 @case("escape.life.terminate_racing_terminate")

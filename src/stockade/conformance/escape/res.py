@@ -22,7 +22,7 @@ import anyio
 from ...errors import LifecycleError, SandboxError
 from ...models import ResourceLimits
 from ..context import CaseContext, Finding, case, conforms, escaped, not_measured, overrefused, show
-from ._canaries import Sampler, host_rss_bytes, processes_with
+from ._canaries import Sampler, host_rss_bytes, processes_with, sandbox_tree, still_running
 from ._declared import declared_absent
 from ._support import alive_after, gated, need_python, parse, require, run_py, source, unconfined, wait_until
 
@@ -293,6 +293,27 @@ emit({"started": 3})
 """
 
 
+# The guest's own count of the daemons (their environment carries the needle), once they have started.
+_IN_GUEST = """
+import time
+needle = sys.argv[1].encode()
+deadline = time.monotonic() + 5
+while True:
+    running = 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                with open("/proc/%s/environ" % pid, "rb") as f:
+                    running += needle in f.read()
+            except OSError:
+                pass
+    if running >= 3 or time.monotonic() > deadline:
+        break
+    time.sleep(0.1)
+emit({"running": running})
+"""
+
+
 def _kill_needle(needle: str) -> None:
     """Cleanup for a backend that failed a case: the processes carrying our needle are ours to end."""
     for pid in set(processes_with(needle)) | set(_environ_has(needle)):
@@ -326,14 +347,27 @@ async def daemons_after_terminate(ctx: CaseContext) -> Finding:
     await need_python(ctx, session.id)
     _found, result = await run_py(ctx, session.id, _DAEMONS, needle)
     before = alive()
+    # Where the guest's processes are not host processes (gVisor), they live only inside the sandbox's host
+    # processes, which the backend names: those must go.
+    sandbox = sandbox_tree(session.metadata) if not before else {}
+    running = 0
+    if sandbox:
+        seen, _ = await run_py(ctx, session.id, _IN_GUEST, needle)
+        running = int(seen.get("running", 0))
     await ctx.terminate(session.id)
     gone = await wait_until(lambda: not alive(), 5)
-    if not before:
-        return not_measured("the guest's processes are not visible from the host, so survivors cannot be "
-                            f"counted there ({show(result)})")
     if not gone:
         return escaped(f"{len(alive())} daemons outlived terminate: pids {alive()}")
-    return conforms(f"{len(before)} daemon processes before terminate, none after")
+    if before:
+        return conforms(f"{len(before)} daemon processes before terminate, none after")
+    if not sandbox or running < 3:
+        return not_measured("the guest's processes are not visible from the host, so survivors cannot be "
+                            f"counted there ({show(result)}; {running} seen in the guest)")
+    if not await wait_until(lambda: not still_running(sandbox), 10):
+        return escaped(f"the sandbox holding {running} daemon processes outlived terminate: host pids "
+                       f"{still_running(sandbox)}")
+    return conforms(f"{running} daemon processes seen in the guest (not host processes); the sandbox holding "
+                    f"them ({len(sandbox)} host processes) is gone after terminate")
 
 
 _ZOMBIES = """
