@@ -249,3 +249,18 @@ def test_ray_up_refuses_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ray", "up", "--head", "--slots", "-3", "--print"]) == 125
     assert main(["ray", "up", "--head", "--slots", "1", "--label", "novalue", "--print"]) == 125
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_capabilities_without_nodes_claim_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No node answers: every flag is false, the private_* ones too (their model default is true), while one
+    node's flags pass through (the admitted sibling)."""
+    pytest.importorskip("ray", reason="ray is not installed: pip install 'stockade[ray]'")
+    from stockade import SandboxCapabilities
+    from stockade.backends.ray import RayBackend
+
+    backend = RayBackend.__new__(RayBackend)  # not connected: capabilities() reads only node_capabilities()
+    monkeypatch.setattr(backend, "node_capabilities", dict)
+    assert not any(backend.capabilities().to_json().values())
+    one = SandboxCapabilities(filesystem_isolation=True)
+    monkeypatch.setattr(backend, "node_capabilities", lambda: {"n1": one})
+    assert backend.capabilities() == one and backend.capabilities().private_supervisor

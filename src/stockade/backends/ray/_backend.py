@@ -296,9 +296,11 @@ class RayBackend(SandboxBackend):
 
     def capabilities(self) -> SandboxCapabilities:
         per_node = list(self.node_capabilities().values())
-        if not per_node:
-            return SandboxCapabilities()
-        return SandboxCapabilities(**{flag: all(getattr(c, flag) for c in per_node) for flag in _CAPABILITY_FLAGS})
+        # With no node, nothing is enforced, and no property is claimed either: the model's defaults would
+        # claim the private_* ones (true where a peer never sent them).
+        return SandboxCapabilities(**{
+            flag: bool(per_node) and all(getattr(c, flag) for c in per_node) for flag in _CAPABILITY_FLAGS
+        })
 
     # ----------------------------------------------------------------------------------------- waiting
 
