@@ -13,20 +13,25 @@ import atexit
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 import pytest
 
+from stockade import ExecRequest, SandboxSpec
+from stockade.backends.docker import DockerBackend
 from stockade.backends.docker._engine import Engine
 from stockade.backends.docker._image import build_image
 
-__all__ = ["PY_IMAGE", "PrivateDockerd", "dockerd_or_skip", "podman_or_skip"]
+__all__ = ["PY_IMAGE", "PrivateDockerd", "check_sealed_read_only_directory", "dockerd_or_skip", "podman_or_skip"]
 
 PY_IMAGE = "stockade/test:python"
 BUSYBOX_IMAGE = "stockade/test:busybox"
@@ -253,3 +258,49 @@ def podman_or_skip() -> PrivateDockerd:
     if _PODMAN is None:
         pytest.skip(f"private podman service unavailable: {_PODMAN_FAILURE}")
     return _PODMAN
+
+
+def check_sealed_read_only_directory(backend: DockerBackend, tmp_path: Path) -> None:
+    """A host daemon's unix socket in a read-only directory does not answer the guest (the directory is a sealed
+    overlay mounted under the session's directory); its files read (admitted sibling), a read-write directory's
+    socket still answers, and terminate leaves no mount behind."""
+    ro, rw = tmp_path / "ro", tmp_path / "rw"
+    token = secrets.token_hex(8)
+    listeners = []
+    for d in (ro, rw):
+        d.mkdir(mode=0o755)
+        (d / "canary").write_text(token)
+        (d / "canary").chmod(0o644)
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind(str(d / "sock"))
+        (d / "sock").chmod(0o777)
+        srv.listen()
+        listeners.append(srv)
+    spec = SandboxSpec.parse({"mounts": [{"source": str(ro), "target": "/mnt/ro", "access": "read_only"},
+                                         {"source": str(rw), "target": "/mnt/rw", "access": "read_write"}]})
+    sid = anyio.run(backend.provision, spec).id
+    code = ("import socket\nfor d in ('/mnt/ro', '/mnt/rw'):\n"
+            "    s = socket.socket(socket.AF_UNIX)\n"
+            "    try:\n        s.connect(d + '/sock'); print(d, 'connected')\n"
+            "    except OSError as e:\n        print(d, 'refused', e.errno)\n"
+            "    print(d, open(d + '/canary').read())\n")
+    out = anyio.run(backend.exec, sid, ExecRequest(command="python3", args=("-c", code)))
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("/mnt/ro refused") and lines[1] == f"/mnt/ro {token}", out
+    assert lines[2] == "/mnt/rw connected" and lines[3] == f"/mnt/rw {token}", out
+    sealed = backend.store.session_dir(sid) / "sealed"
+    assert any(p.name for p in sealed.iterdir()) and str(sealed) in Path("/proc/self/mountinfo").read_text()
+    anyio.run(backend.terminate, sid)
+    reached: list[str] = []
+    for srv, name in zip(listeners, ("ro", "rw"), strict=True):
+        srv.setblocking(False)  # a connect() that got through waits in the backlog
+        try:
+            srv.accept()[0].close()
+            reached.append(name)
+        except BlockingIOError:
+            pass
+    assert reached == ["rw"]
+    assert str(sealed) not in Path("/proc/self/mountinfo").read_text()
+    assert not sealed.exists()
+    for srv in listeners:
+        srv.close()

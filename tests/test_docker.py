@@ -17,7 +17,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from _docker_fixtures import BUSYBOX_IMAGE, PY_IMAGE, PrivateDockerd, dockerd_or_skip
+from _docker_fixtures import BUSYBOX_IMAGE, PY_IMAGE, PrivateDockerd, check_sealed_read_only_directory, dockerd_or_skip
 from stockade import (
     ExecError,
     ExecRequest,
@@ -529,3 +529,7 @@ def test_gvisor_execs_are_filtered_and_devices_covered(gvisor: DockerBackend) ->
     session = anyio.run(gvisor.get_session, sid)
     sandbox = Path(f"/proc/{session.metadata['sandbox_pid']}/cmdline").read_bytes()
     assert sandbox.startswith(b"runsc-sandbox"), sandbox[:80]
+
+
+def test_read_only_directory_is_sealed_socket_refuses_files_read(backend: DockerBackend, tmp_path: Path) -> None:
+    check_sealed_read_only_directory(backend, tmp_path)

@@ -11,7 +11,7 @@ Where it differs from the contract's documentation (``stockade.backend``):
   local engine and root, ``limited`` and ``unrestricted`` go through the bwrap backend's egress gateway,
   plumbed into that namespace (docs/network.md): proxies, DNS stub, the NAT rule, live policy updates, the
   log. Under gVisor (its own network stack) or without root they raise ``Unsupported``.
-- Read-only directory mounts are sealed overlay volumes where the engine is a local Docker (see ``_sealed``).
+- Read-only directory mounts are sealed overlays where the engine is local and runs runc (see ``_sealed``).
 - Live mounts (``attach_filesystem``) raise ``Unsupported``.
 - Snapshots: with runc they keep files (``/tmp``, outputs, memory, session-owned mounts); with gVisor they
   keep the running processes too (``docker checkpoint``; ``capabilities().memory_snapshot``), and a session
@@ -56,6 +56,7 @@ from ...errors import (
     SessionNotFound,
     Unsupported,
 )
+from ...linux import mounts as linux_mounts
 from ...models import (
     MEMORY_MOUNT,
     OUTPUTS_MOUNT,
@@ -396,28 +397,43 @@ class DockerBackend(SandboxBackend):
         return path
 
     def _sealed(self, mount: dict[str, Any], session_id: str) -> dict[str, Any]:
-        """A read-only directory bind of the spec as a sealed overlay volume, where the engine can make one.
+        """A read-only directory bind of the spec as a sealed overlay, where this host can make one.
 
         ``connect()`` ignores a bind's read-only flag, so a host daemon's unix socket in the directory would answer
-        the guest (escape.net.unix_in_ro_mount). Docker's local volume driver can mount an overlayfs instead,
-        whose lower layers are the source and an empty directory: the socket there is the overlay's inode, which
-        no listener is bound to. Only for Docker with runc (Podman's compatible API ignores the driver options of
-        an inline volume; under gVisor see below) and a local engine (the empty layer is a directory of this
-        host), and only for paths the overlay's option string can carry; anything else stays a plain read-only
-        bind.
+        the guest (escape.net.unix_in_ro_mount). An overlayfs whose lower layers are the source and an empty one
+        does not: the socket there is the overlay's inode, which no listener is bound to. With runc and a local
+        engine:
+
+        - as root (and with the new mount API), the backend mounts that overlay itself under the session's
+          directory (:func:`stockade.linux.mounts.seal_at`, the bwrap backend's sealing: layers by descriptor)
+          and binds it like any directory, so it gets the binds' ``rprivate`` propagation and its mountinfo line
+          names the session directory, not the source; ``Store.remove_session`` detaches it;
+        - otherwise, with Docker, its local volume driver mounts the overlay (an anonymous volume, removed with
+          the container), for paths the overlay's option string can carry. Podman's compatible API ignores an
+          inline volume's driver options, and a named overlay volume does not start there (Podman chowns a new
+          volume's read-only root);
+        - anything else stays a plain read-only bind. Under gVisor too: its gofer refuses ``connect()`` to a
+          host socket in a plain bind, and it served a volume without its ``ro`` flag (the Sentry let the guest
+          make fifos and truncate there).
         """
         source = mount["Source"]
         if (
             not mount["ReadOnly"]
             or mount["Target"] in (MEMORY_MOUNT, EXEC_INIT)
-            or self.engine_name != "docker"
-            # gVisor: runsc's gofer serves a volume without its ro flag (the Sentry lets the guest make fifos and
-            # truncate there), and it refuses connect() to a host socket in a plain bind anyway.
             or self.runtime == "runsc"
             or not self.engine.is_local()
             or not os.path.isdir(source)
-            or any(c in source for c in ":,\\\n")
         ):
+            return mount
+        if os.geteuid() == 0 and linux_mounts.new_mount_api_available():
+            point = self.store.sealed_dir(session_id, mount["Target"])
+            point.mkdir(mode=0o755, parents=True)
+            try:
+                sealed = linux_mounts.seal_at(source, str(point))
+            except OSError as exc:
+                raise InvalidRequest(f"cannot mount {source!r} read-only: {exc.strerror or exc}") from None
+            return {**mount, "Source": str(point)} if sealed else mount
+        if self.engine_name != "docker" or any(c in source for c in ":,\\\n"):
             return mount
         empty = self.store.session_dir(session_id) / "sealed-empty"
         empty.mkdir(mode=0o555, exist_ok=True)

@@ -6,7 +6,8 @@ only runc is offered: Podman's checkpoints need CRIU, which does not work on eve
 files only (``memory_snapshot`` is false). The seccomp profile is handed over as a file in the state directory
 (Podman reads ``seccomp=`` as a path). With a local service, the host's ``conmon`` monitors of each exec are
 ended once its exit code is read, and any left for the container at ``terminate`` / ``gc``. Read-only
-directories are sealed overlays that the backend mounts on the host itself (see ``_sealed``).
+directories are sealed only as root (the backend mounts the overlay on the host; Podman ignores inline volume
+options).
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ...errors import InvalidRequest
-from ...linux import mounts
-from ...models import MEMORY_MOUNT, SandboxSpec
+from ...models import SandboxSpec
 from ..docker._backend import DockerBackend, _probe
 from ..docker._engine import default_base_url
 from ..docker._host import helper_processes, kill_and_wait
@@ -70,35 +69,6 @@ class PodmanBackend(DockerBackend):
         for path in ("/run", "/var/tmp"):
             tmpfs.setdefault(path, "rw,nosuid,nodev,noexec,size=64k,mode=0755")
         return config
-
-    def _sealed(self, mount: dict[str, Any], session_id: str) -> dict[str, Any]:
-        """A read-only directory of the spec as a sealed overlay mounted on the host, bound from there.
-
-        Podman's compatible API ignores an inline volume's driver options (the docker backend's way), and a named
-        overlay volume fails to start (Podman chowns a new volume's root, which is read-only). So the backend
-        mounts the sealed overlay itself (:func:`stockade.linux.mounts.seal_at`: source and an empty layer by
-        descriptor) under the session's directory, and the container binds that: a host daemon's socket in the
-        directory is then the overlay's inode, which refuses ``connect()`` (escape.net.unix_in_ro_mount). Only
-        with a local service, as root, and the new mount API; otherwise, or where the kernel refuses the overlay,
-        a plain read-only bind. The mount goes with the session directory (``Store.remove_session``).
-        """
-        source = mount["Source"]
-        if (
-            not mount["ReadOnly"]
-            or mount["Target"] in (MEMORY_MOUNT, self.init_path)
-            or not self.engine.is_local()
-            or os.geteuid() != 0
-            or not os.path.isdir(source)
-            or not mounts.new_mount_api_available()
-        ):
-            return mount
-        point = self.store.sealed_dir(session_id, mount["Target"])
-        point.mkdir(mode=0o755, parents=True)
-        try:
-            sealed = mounts.seal_at(source, str(point))
-        except OSError as exc:
-            raise InvalidRequest(f"cannot mount {source!r} read-only: {exc.strerror or exc}") from None
-        return {**mount, "Source": str(point)} if sealed else mount
 
     def _exec_done(self, exec_id: str) -> None:
         # Each exec's two conmon processes wait containers.conf's exit_command_delay (default 300 s, to keep the
