@@ -7,6 +7,7 @@ bwrap backend resolves ``api.upstream.test`` to a listener the case (in this pro
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ from stockade.conformance import ConformanceOptions
 from stockade.conformance.pytest_plugin import make_conformance_tests
 
 _DIR = Path(tempfile.mkdtemp(prefix="stockade-remote-live-"))
+atexit.register(shutil.rmtree, _DIR, True)  # also when every test here is deselected (the fixture never runs)
 SOCKET = _DIR / "run" / "stockade.sock"
 STATE = _DIR / "state"
 UPSTREAM_NAME, UPSTREAM_ADDRESS = "api.upstream.test", "127.0.0.2"  # *.upstream.test is a wildcard
