@@ -91,10 +91,16 @@ class PrivateDockerd:
             "--exec-root", str(self.dir / "exec"), "--pidfile", str(self.dir / "dockerd.pid"),
             "--config-file", str(self.dir / "daemon.json"), "--iptables=false", "--ip-masq=false", "--bridge=none",
         ]  # fmt: skip
+        # containerd stages each gVisor checkpoint in a ctrd-checkpoint* directory under its TMPDIR and leaves it
+        # there: a directory of the daemon's own (world-traversable, for runsc's sandbox) goes with it at stop.
+        self.dir.chmod(0o711)
+        tmp = self.dir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        tmp.chmod(0o1777)
         log = open(self.dir / "dockerd.log", "wb")  # noqa: SIM115 - handed to the daemon
         try:
             self.proc = subprocess.Popen(jailed(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True)
+                                         start_new_session=True, env={**os.environ, "TMPDIR": str(tmp)})
         finally:
             log.close()
         deadline = time.monotonic() + timeout
