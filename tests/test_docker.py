@@ -533,3 +533,18 @@ def test_gvisor_execs_are_filtered_and_devices_covered(gvisor: DockerBackend) ->
 
 def test_read_only_directory_is_sealed_socket_refuses_files_read(backend: DockerBackend, tmp_path: Path) -> None:
     check_sealed_read_only_directory(backend, tmp_path)
+
+
+def test_engine_client_has_one_pool_for_its_socket(tmp_path: Path) -> None:
+    """docker-py keys unix-socket pools by URL and closes evicted ones under a reader (concurrent execs failed
+    with an AttributeError from urllib3): the engine's client keeps one pool, whatever the URL."""
+    from stockade.backends.docker._engine import Engine
+
+    engine = Engine(f"unix://{tmp_path}/docker.sock")  # nothing is connected to build the client
+    try:
+        adapter = engine.api.get_adapter("http+docker://localhost/v1.41/info")
+        first = adapter.get_connection("http+docker://localhost/v1.41/exec/0/json")
+        pools = {id(adapter.get_connection(f"http+docker://localhost/v1.41/exec/{i}/json")) for i in range(100)}
+        assert pools == {id(first)} and first.pool is not None  # never evicted, never closed
+    finally:
+        engine.close()

@@ -31,6 +31,36 @@ def default_base_url(engine: str = "docker") -> str:
     return os.environ.get("STOCKADE_DOCKER_HOST") or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
 
 
+_MAX_CONNECTIONS = 64
+"""Connections kept open to the engine (more are opened when needed, and closed after use)."""
+
+
+def _share_unix_pool(client: Any) -> None:
+    """Give ``client`` one connection pool for its unix socket, instead of docker-py's one per request URL.
+
+    docker-py's ``UnixHTTPAdapter`` keys its pools by URL (every exec has URLs of its own) in an LRU of
+    ``num_pools`` entries, and closes the pool it evicts even while another thread is still reading a response
+    through it: with 20 concurrent execs that ended in ``AttributeError: 'NoneType' object has no attribute
+    'qsize'`` from urllib3 (seen under gVisor, whose execs are slow enough to overlap). Every URL names the same
+    socket, so one pool serves them all and nothing is evicted.
+    """
+    from docker.transport.unixconn import UnixHTTPAdapter
+
+    adapter = getattr(client, "_custom_adapter", None)
+    if not isinstance(adapter, UnixHTTPAdapter):
+        return  # TCP or ssh: requests' own adapter keys its pools by host
+
+    class SharedPoolAdapter(UnixHTTPAdapter):
+        def get_connection(self, url: Any, proxies: Any = None) -> Any:
+            return super().get_connection("http+docker://localhost", proxies)
+
+    shared = SharedPoolAdapter("http+unix://" + adapter.socket_path, adapter.timeout,
+                               max_pool_size=_MAX_CONNECTIONS)
+    client.mount("http+docker://", shared)
+    client._custom_adapter = shared
+    adapter.close()
+
+
 class EngineNotFound(SandboxError):
     """The engine has no such object (container, image, exec); callers turn it into their own error."""
 
@@ -88,7 +118,10 @@ class Engine:
             with _mapped(self.backend, "connect"):
                 # A fixed API version: "auto" would cost a round trip per client, and 1.41 is what both
                 # Docker 20.10 and Podman 4's compatibility API speak.
-                self._client = docker.APIClient(base_url=self.base_url, version="1.41", timeout=int(self.timeout))
+                client = docker.APIClient(base_url=self.base_url, version="1.41", timeout=int(self.timeout),
+                                          max_pool_size=_MAX_CONNECTIONS)
+                _share_unix_pool(client)
+                self._client = client
         return self._client
 
     def is_local(self) -> bool:
