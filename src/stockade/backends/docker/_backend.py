@@ -83,7 +83,7 @@ from ._seccomp import profile_json
 from ._seccomp_exec import FILTER as SECCOMP_FILTER
 from ._seccomp_exec import LOADER as SECCOMP_LOADER
 from ._seccomp_exec import loader_and_filter, start_error
-from ._store import Store, default_state_root
+from ._store import Store, default_state_root, install_file
 
 __all__ = ["DEFAULT_IMAGE", "DockerBackend", "probe"]
 
@@ -381,19 +381,14 @@ class DockerBackend(SandboxBackend):
         except OSError:
             current = None
         if current != data:
-            tmp = dest.with_name(f".exec-init.{os.getpid()}.{secrets.token_hex(4)}")
-            tmp.write_bytes(data)
-            tmp.chmod(0o111)
-            os.replace(tmp, dest)
+            install_file(dest, data, 0o111)
         self._exec_init = dest
         return dest
 
     def _empty_file(self) -> Path:
         path = self.store.root / "empty"
         if not path.is_file() or path.stat().st_size:
-            tmp = path.with_name(f".empty.{os.getpid()}.{secrets.token_hex(4)}")
-            tmp.touch(mode=0o444)
-            os.replace(tmp, path)
+            install_file(path, b"", 0o444)
         return path
 
     def _sealed(self, mount: dict[str, Any], session_id: str) -> dict[str, Any]:

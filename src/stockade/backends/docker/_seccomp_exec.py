@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ...errors import BackendUnavailable
 from ...linux import seccomp
+from ._store import install_file
 
 __all__ = ["FILTER", "LOADER", "loader_and_filter", "start_error"]
 
@@ -44,7 +45,7 @@ def loader_and_filter(root: Path) -> tuple[Path, Path]:
     if not _is_file(loader, 0o555):
         _compile(loader)
     if not _is_file(bpf, 0o444):
-        _install(bpf, program, 0o444)
+        install_file(bpf, program, 0o444)
     return loader, bpf
 
 
@@ -89,16 +90,6 @@ def _compile(dest: Path) -> None:
                 f"libc6-dev): {proc.stderr.strip()[-2000:]}"
             )
         tmp.chmod(0o555)  # gVisor's loader reads the binary as the caller: execute-only would not run
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _install(dest: Path, data: bytes, mode: int) -> None:
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    try:
-        tmp.write_bytes(data)
-        tmp.chmod(mode)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,24 @@ from typing import Any
 from ...linux import mounts
 from .. import _records as records
 
-__all__ = ["Store", "default_state_root", "session_key"]
+__all__ = ["Store", "default_state_root", "install_file", "session_key"]
 
 
 def session_key(session_id: str) -> str:
     """The name of a session's directory: derived from its id, from which the id cannot be recovered."""
     return hashlib.sha256(b"stockade-session-dir\0" + session_id.encode()).hexdigest()[:32]
+
+
+def install_file(dest: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``dest`` with ``mode`` atomically (a temporary file beside it, renamed over it), so a
+    concurrent reader or a container bind sees the old file or the new one, never half of it."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        tmp.write_bytes(data)
+        tmp.chmod(mode)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def default_state_root(engine: str) -> Path:
