@@ -151,6 +151,8 @@ class DockerBackend(SandboxBackend):
     """Makes the init a child subreaper when it wraps an exec (tini needs ``-s``)."""
     init_exec_failure: re.Pattern[str] | None = None
     """What the init prints alone on stderr when it cannot exec the command (tini exits 127 itself)."""
+    engine_tmpfs: Mapping[str, str] = {}
+    """Tmpfs mounts (path -> options) besides ``/tmp`` that the engine's own defaults make necessary."""
 
     def __init__(
         self,
@@ -479,7 +481,7 @@ class DockerBackend(SandboxBackend):
             "CapDrop": ["ALL"],
             "SecurityOpt": ["no-new-privileges", self._seccomp_option()],
             "Mounts": mounts,
-            "Tmpfs": {"/tmp": f"rw,nosuid,nodev,size={tmp_mb}m,mode=1777"},
+            "Tmpfs": {**self.engine_tmpfs, "/tmp": f"rw,nosuid,nodev,size={tmp_mb}m,mode=1777"},
             "IpcMode": "private",
             "ShmSize": tmp_mb << 20,  # /dev/shm is guest-writable memory too: bounded like /tmp
             "RestartPolicy": {"Name": "no"},

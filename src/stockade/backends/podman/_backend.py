@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
-from typing import Any
 
-from ...models import SandboxSpec
 from ..docker._backend import DockerBackend, _probe
 from ..docker._engine import default_base_url
 from ..docker._host import helper_processes, kill_and_wait
@@ -42,6 +39,10 @@ class PodmanBackend(DockerBackend):
     init_path = "/run/podman-init"
     init_args = ()
     init_exec_failure = re.compile(r"ERROR \(catatonit:\d+\): failed to exec pid1: No such file or directory")
+    # With a read-only root, Podman adds writable tmpfs mounts of its own on /run and /var/tmp (mode 1777 where
+    # the image has it, no size limit: a disk fill past tmp_mb), and its compatible API has no switch to leave
+    # them out. Tiny root-owned ones in their place keep the guest's writable space to /tmp.
+    engine_tmpfs = {path: "rw,nosuid,nodev,noexec,size=64k,mode=0755" for path in ("/run", "/var/tmp")}
 
     def _seccomp_option(self) -> str:
         # Podman's compatible API reads the option as a file name, not as the profile itself.
@@ -52,23 +53,6 @@ class PodmanBackend(DockerBackend):
             tmp.write_text(text)
             os.replace(tmp, path)
         return f"seccomp={path}"
-
-    def _container_config(
-        self,
-        spec: SandboxSpec,
-        session_id: str,
-        mounts: list[dict[str, Any]],
-        exec_init: Path | None = None,
-        seccomp_exec: tuple[Path, Path] | None = None,
-    ) -> dict[str, Any]:
-        config = super()._container_config(spec, session_id, mounts, exec_init, seccomp_exec)
-        # With a read-only root, Podman adds writable tmpfs mounts of its own on /run and /var/tmp (mode 1777
-        # where the image has it, no size limit: a disk fill past tmp_mb), and its compatible API has no switch
-        # to leave them out. Tiny root-owned ones in their place keep the guest's writable space to /tmp.
-        tmpfs = config["HostConfig"].setdefault("Tmpfs", {})
-        for path in ("/run", "/var/tmp"):
-            tmpfs.setdefault(path, "rw,nosuid,nodev,noexec,size=64k,mode=0755")
-        return config
 
     def _exec_done(self, exec_id: str) -> None:
         # Each exec's two conmon processes wait containers.conf's exit_command_delay (default 300 s, to keep the
