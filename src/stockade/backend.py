@@ -80,6 +80,11 @@ class SandboxBackend(abc.ABC):
         Mints an unguessable id when ``spec.session_id`` is absent. Never leaves half a session behind: on any
         failure everything already created is removed before the error propagates.
 
+        Cancelled, it never leaves a session that nobody holds: either the session is handed over anyway (anyio's
+        cancellation lands at the caller's next checkpoint, and the caller ends what it was handed) or the
+        backend ends it, possibly just after the cancellation returned (asyncio's own cancellation, as
+        ``asyncio.wait_for`` uses, does not wait for work already under way in a thread or on another host).
+
         Raises:
             Unsupported: the spec asks for something this backend cannot enforce (e.g. a host allowlist
                 without ``network_policy``, a memory limit without ``memory_limit``).

@@ -65,6 +65,7 @@ from ...models import (
     validate_session_id,
 )
 from .._archive import restore_filter as _restore_filter
+from .._provisioning import provision_in_thread
 from .._records import record_lock
 from ._client import AgentGone, request_frames, short_unix_path
 from ._launch import (
@@ -164,7 +165,7 @@ class BwrapBackend(SandboxBackend):
         self._cgroups: dict[tuple[str, str], Any] = {}
         if pool_size < 0:
             raise InvalidRequest("must be 0 or more", field="pool_size")
-        self._pool = WarmPool(pool_size, self.store, self._start_pooled, self._discard_pooled) if pool_size else None
+        self._pool = WarmPool(pool_size, self.store, self._start_pooled, self._discard) if pool_size else None
         self._specs: dict[str, SandboxSpec] = {}
 
     # ------------------------------------------------------------------------------------------ capabilities
@@ -232,11 +233,13 @@ class BwrapBackend(SandboxBackend):
         session_id = spec.session_id or secrets.token_hex(16)
         if session_id.startswith(POOL_PREFIX):
             raise InvalidRequest(f"session ids starting with {POOL_PREFIX!r} are reserved", field="session_id")
-        if self._pool is not None and poolable(spec):
-            claimed = await anyio.to_thread.run_sync(self._claim_pooled, spec, session_id)
-            if claimed is not None:
-                return claimed
-        return await anyio.to_thread.run_sync(self._provision_blocking, spec, session_id)
+        pooled = self._pool is not None and poolable(spec)
+
+        def build() -> SandboxSession:
+            claimed = self._claim_pooled(spec, session_id) if pooled else None
+            return claimed if claimed is not None else self._provision_blocking(spec, session_id)
+
+        return await provision_in_thread(build, self._discard)
 
     # ------------------------------------------------------------------------------------------- warm pool
 
@@ -252,8 +255,9 @@ class BwrapBackend(SandboxBackend):
     def _start_pooled(self, pool_id: str) -> None:
         self._provision_blocking(SandboxSpec(), pool_id, pool_owner=WarmPool.owner())
 
-    def _discard_pooled(self, pool_id: str) -> None:
-        record = self.store.claim(pool_id)
+    def _discard(self, session_id: str) -> None:
+        """End a sandbox nobody holds (a pool sandbox, a session whose provision was cancelled), blocking."""
+        record = self.store.claim(session_id)
         if record is not None:
             self._terminate_blocking(record)
 
@@ -264,7 +268,7 @@ class BwrapBackend(SandboxBackend):
             if record is None:
                 continue
             if not self._alive(record):
-                self._discard_pooled(pool_id)
+                self._discard(pool_id)
                 continue
             target = self.store.session_dir(session_id)
             if target.exists():

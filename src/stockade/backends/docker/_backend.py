@@ -74,6 +74,7 @@ from ...models import (
     validate_session_id,
 )
 from .._archive import restore_filter
+from .._provisioning import provision_in_thread
 from .._records import record_lock
 from ..bwrap._network import GatewayHandle, find_tool, gateway_policy_json, proxy_env, start_gateway
 from ._engine import Engine, EngineNotFound, ExecOutcome, default_base_url
@@ -249,7 +250,13 @@ class DockerBackend(SandboxBackend):
         for index, mount in enumerate(spec.mounts):
             check_source(mount, index)
         session_id = spec.session_id or secrets.token_hex(16)
-        return await anyio.to_thread.run_sync(self._provision_blocking, spec, session_id)
+        return await provision_in_thread(lambda: self._provision_blocking(spec, session_id), self._discard)
+
+    def _discard(self, session_id: str) -> None:
+        """End a session nobody was handed (its provision was cancelled), blocking."""
+        record = self.store.claim(session_id)
+        if record is not None:
+            self._terminate_blocking(record)
 
     def _check_runtime(self) -> None:
         if self._runtime_checked or self.runtime == "runc":

@@ -76,6 +76,7 @@ from ...models import (
     SandboxState,
     validate_session_id,
 )
+from .._provisioning import provision_in_thread
 from ._client import SupervisorGone, SupervisorReply, request, request_frames, short_unix_path
 from ._policy import MountPlan, SessionPaths, guest_env, resolve_cwd, seccomp_network, session_ruleset
 from ._store import SessionStore, default_state_root, process_start_time
@@ -251,7 +252,14 @@ class LandlockBackend(SandboxBackend):
         for mount in spec.mounts:
             self._check_source(mount)
         session_id = spec.session_id or secrets.token_hex(16)
-        return await anyio.to_thread.run_sync(self._provision_blocking, spec, session_id)
+        return await provision_in_thread(lambda: self._provision_blocking(spec, session_id), self._discard)
+
+    def _discard(self, session_id: str) -> None:
+        """End a session nobody was handed (its provision was cancelled), blocking: as terminate does."""
+        record = self.store.read(session_id)
+        if record is not None and self.store.claim(session_id):
+            anyio.run(self._ask_to_end, record)  # in a worker thread, which has no event loop of its own
+            self._terminate_blocking(record)
 
     @staticmethod
     def _check_source(mount: FilesystemMount) -> None:
@@ -752,10 +760,14 @@ class LandlockBackend(SandboxBackend):
         record = self._record(session_id)
         if not self.store.claim(session_id):
             raise SessionNotFound(session_id)  # a concurrent terminate got there first
+        await self._ask_to_end(record)
+        await anyio.to_thread.run_sync(self._terminate_blocking, record)
+
+    async def _ask_to_end(self, record: dict[str, Any]) -> None:
+        """Ask the supervisor to end its session (what it cannot do within 15 s, _terminate_blocking forces)."""
         if self._alive(record):
             with anyio.move_on_after(15), contextlib.suppress(SupervisorGone, SupervisorReply):
-                await request(self._sock(session_id), {"token": record["token"], "op": "terminate"})
-        await anyio.to_thread.run_sync(self._terminate_blocking, record)
+                await request(self._sock(record["id"]), {"token": record["token"], "op": "terminate"})
 
     def _terminate_blocking(self, record: dict[str, Any]) -> None:
         session_id = record["id"]
