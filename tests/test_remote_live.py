@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -27,7 +28,8 @@ from stockade import ExecChunk, ExecRequest, ExecResult, SandboxSpec, open_backe
 from stockade.backends.bwrap import BwrapBackend
 from stockade.backends.remote import RemoteBackend
 from stockade.conformance import ConformanceOptions
-from stockade.conformance.pytest_plugin import make_conformance_tests
+from stockade.conformance.engine import run_case
+from stockade.conformance.pytest_plugin import ESCAPE_OPTIONS, check_result, make_conformance_tests
 
 _DIR = Path(tempfile.mkdtemp(prefix="stockade-remote-live-"))
 atexit.register(shutil.rmtree, _DIR, True)  # also when every test here is deselected (the fixture never runs)
@@ -105,3 +107,14 @@ def test_stream_files_and_url_forms() -> None:
                 await backend.terminate(session.id)
 
     anyio.run(main)
+
+
+def test_a_cancelled_provision_leaves_nothing_on_the_service() -> None:
+    """The escape suite's provision-cancelling case over a real socket: here the service goes on with a
+    provision whose caller gave up (a disconnect is all it sees), unlike through the in-process transport."""
+
+    async def one() -> Any:
+        async with open_backend("remote", unix=str(SOCKET)) as backend:
+            return await run_case(backend, "escape.life.terminate_during_provision", ESCAPE_OPTIONS)
+
+    check_result(anyio.run(one))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar, get_args
 
 import anyio
+import anyio.lowlevel
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -29,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..backend import SandboxBackend
-from ..errors import ExecError, InvalidRequest, SandboxError, Unsupported
+from ..errors import ExecError, InvalidRequest, SandboxError, SessionNotFound, Unsupported
 from ..models import (
     ExecRequest,
     ExecResult,
@@ -233,9 +234,30 @@ async def provision(svc: _Service, request: Request) -> Response:
     if spec.session_id is None:
         # Minted here, whatever the backend would do: 128 bits from the OS CSPRNG.
         spec = spec.model_copy(update={"session_id": secrets.token_hex(16)})
-    async with _session_slot(svc):
-        session = await svc.backend.provision(spec)
+    session: SandboxSession | None = None
+    try:
+        async with _session_slot(svc):
+            session = await svc.backend.provision(spec)
+        # The caller may have gone while the backend worked (its client cancelled or timed out: a disconnect,
+        # or a cancellation of this request). Nobody would ever be handed the session then, so it is ended
+        # here, rather than left running, owned by no one. The checkpoint delivers a pending cancellation and
+        # lets the server take in a disconnect.
+        await anyio.lowlevel.checkpoint()
+        gone = await request.is_disconnected()
+    except BaseException:
+        if session is not None:
+            await _end_unclaimed(svc, session.id)
+        raise
+    if gone:
+        await _end_unclaimed(svc, session.id)
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     return _json_response(session, 201)
+
+
+async def _end_unclaimed(svc: _Service, session_id: str) -> None:
+    log.info("ending session %s: its caller went away before provision answered", session_id)
+    with anyio.CancelScope(shield=True), contextlib.suppress(SessionNotFound):
+        await svc.backend.terminate(session_id)
 
 
 @contextlib.asynccontextmanager
