@@ -11,6 +11,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ from stockade import (
 )
 from stockade.conformance import ConformanceOptions
 from stockade.conformance.engine import list_cases, run_case, select_cases
+from stockade.conformance.escape._canaries import processes_with
 from stockade.conformance.pytest_plugin import ESCAPE_OPTIONS, check_result
 
 ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'stockade[ray]'")
@@ -274,6 +276,44 @@ def test_snapshot_without_store_stays_on_its_node(cluster: LocalCluster) -> None
         provision(backend, from_snapshot="never-taken-snapshot")
 
 
+def _on_nodes(cluster: LocalCluster, session_id: str) -> list[str]:
+    """Where a session still has a trace on a node: its state directory, or host processes naming it."""
+    found = [node.ip for node in cluster.nodes if (node.state_dir / "sessions" / session_id).exists()]
+    return found + [f"pid {pid}" for pid in processes_with(session_id)]
+
+
+def test_a_cancelled_provision_leaves_nothing_on_the_nodes(cluster: LocalCluster) -> None:
+    """A provision cancelled at any point (placing it, while the node provisions, as the node answers) leaves no
+    sandbox on a node once it has returned, and none turns up later: the node ends what it made for a driver
+    that gave up on it. Delays from 0 to past a whole provision, so some land while the node works."""
+    backend = backend_for(cluster)
+
+    async def cancelled(session_id: str, delay: float) -> bool:
+        with anyio.move_on_after(delay):
+            await backend.provision(SandboxSpec(session_id=session_id))
+            return False
+        return True
+
+    tried: dict[str, bool] = {}
+    left: dict[str, list[str]] = {}
+    try:
+        for step in range(16):
+            session_id = f"cancelled-{step}-{secrets.token_hex(4)}"
+            tried[session_id] = run(cancelled, session_id, step * 0.025)
+            if tried[session_id] and _on_nodes(cluster, session_id):
+                left[session_id] = _on_nodes(cluster, session_id)
+        # A sandbox the node made after the driver gave up would show up here.
+        time.sleep(2)
+        left.update({sid: where for sid in tried if tried[sid] and (where := _on_nodes(cluster, sid))})
+    finally:
+        terminate_all(backend, [sid for sid, was_cancelled in tried.items() if not was_cancelled])
+    assert not left, f"cancelled provisions left sandboxes behind: {left}"
+    # Admitted sibling: some provisions were cancelled and some finished (so the delays spanned a provision),
+    # and the finished ones were real sessions, now ended.
+    assert any(tried.values()) and not all(tried.values()), tried
+    assert not [sid for sid in tried if _on_nodes(cluster, sid)]
+
+
 # -------------------------------------------------------------------------------------------- conformance
 
 
@@ -295,21 +335,7 @@ def test_conformance_through_ray(cluster: LocalCluster, case: str) -> None:
     check_result(anyio.run(one))
 
 
-_RAY_ESCAPE_SKIPS = {
-    # Found here and not fixed yet: a provision cancelled half way returns at once, while the node agent's
-    # provision goes on and can start the sandbox after the case has looked (1 s later), so the case passes and
-    # the sandbox is left on the node until the cluster goes (seen once in four CI runs, as a leftover in the
-    # worker-death test). The fix belongs in RayBackend._place_and_provision: on cancellation, end the node's
-    # session once its provision is over.
-    "escape.life.terminate_during_provision": "a cancelled provision can leave a sandbox on the node (not fixed "
-                                              "yet: see the comment above)",
-}
-
-
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.skip(reason=_RAY_ESCAPE_SKIPS[c])) if c in _RAY_ESCAPE_SKIPS else c
-    for c in select_cases(ESCAPE_OPTIONS)
-])
+@pytest.mark.parametrize("case", select_cases(ESCAPE_OPTIONS))
 def test_escape_through_ray(cluster: LocalCluster, case: str) -> None:
     """The escape suite (docs/escape-suite.md) through Ray: the sessions run under bwrap on the nodes, which
     share this host's file systems and pid namespace, so the host canaries still judge them."""

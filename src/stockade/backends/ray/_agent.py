@@ -9,15 +9,22 @@ event loop), so the driver's liveness probe is answered even while the main loop
 Results cross the wire as JSON-ready dicts, and errors as ``{"error": SandboxError.to_json()}`` values rather
 than exceptions, so the driver rebuilds exactly the stockade error the node backend raised, free of Ray's
 exception wrappers.
+
+A driver that gives up on a provision (cancelled, timed out, lost the answer) cannot stop the node's provision
+from finishing: Ray's cancellation of an actor task comes too late or not at all. Each provision therefore
+carries an attempt token, and ``abandon`` tells the node to end whatever that attempt makes, whether it has not
+started yet, is running, or has already finished.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import os
 import socket
+import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -26,7 +33,7 @@ import anyio.to_thread
 import ray
 
 from ...backend import ExecChunk, SandboxBackend
-from ...errors import LifecycleError, SandboxError, Unsupported
+from ...errors import LifecycleError, SandboxError, SessionNotFound, Unsupported
 from ...models import ExecRequest, ExecResult, FilesystemMount, NetworkPolicy, SandboxSpec
 from ._snapstore import SnapshotStore, local_snapshot_dir
 
@@ -58,6 +65,25 @@ def _error(exc: BaseException) -> dict[str, Any]:
     return {"error": {"code": "sandbox_error", "message": f"node agent failed: {detail}"}}
 
 
+class _Attempt:
+    """One provision attempt, as ``provision`` and ``abandon`` see it (both run on the actor's one event loop,
+    so reading and setting these fields between awaits is atomic)."""
+
+    __slots__ = ("abandoned", "finished", "made", "since", "started", "task")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.abandoned = False
+        self.made = False  # finished with a live session that nobody has ended yet
+        self.finished = asyncio.Event()
+        self.since = time.monotonic()
+        self.task: asyncio.Future[dict[str, Any]] | None = None  # held, so the loop cannot drop it half way
+
+
+# How long an attempt's fate is kept: a driver abandons right after giving up, so an hour is plenty.
+ATTEMPT_TTL = 3600.0
+
+
 class _NodeAgent:
     """Holds one node backend instance and the sessions it manages on this node."""
 
@@ -69,6 +95,7 @@ class _NodeAgent:
         self.node_backend = node_backend
         self.problem: str | None = None
         self.backend: SandboxBackend | None = None
+        self.attempts: dict[str, _Attempt] = {}
         try:
             self.backend = open_backend(node_backend, **options)
             # Measured once, when the node joins: the driver intersects these over the nodes.
@@ -118,7 +145,7 @@ class _NodeAgent:
 
     # ------------------------------------------------------------------------------------ contract calls
 
-    async def provision(self, spec: dict[str, Any], store: str | None) -> dict[str, Any]:
+    async def provision(self, spec: dict[str, Any], store: str | None, attempt: str | None = None) -> dict[str, Any]:
         async def go() -> Any:
             backend = self._backend()
             parsed = SandboxSpec.parse(spec)
@@ -126,7 +153,58 @@ class _NodeAgent:
                 await anyio.to_thread.run_sync(self._fetch_snapshot, backend, parsed.from_snapshot, store)
             return (await backend.provision(parsed)).to_json()
 
-        return await self._run(go)
+        if attempt is None:
+            return await self._run(go)
+        tracked = self._attempt(attempt)
+        if tracked.abandoned or tracked.started:
+            return _error(LifecycleError("the driver gave up on this provision before it started; nothing was made"))
+        tracked.started = True
+        # In a task of its own: Ray cancels this actor task when the driver stops waiting, and the node backend's
+        # provision must then run to its end, so that what it made is ended rather than half-built or orphaned.
+        tracked.task = asyncio.ensure_future(self._provision_attempt(tracked, go))
+        try:
+            return await asyncio.shield(tracked.task)
+        except asyncio.CancelledError:
+            tracked.abandoned = True  # whoever cancelled this gave up on the session; the task ends it
+            raise
+
+    async def _provision_attempt(self, tracked: _Attempt, go: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
+        made = False
+        try:
+            reply = await self._run(go)
+            made = "ok" in reply
+            if made and tracked.abandoned:  # the driver gave up while we worked: end what we made
+                made = False
+                ended = await self._run(lambda: self._end(str(reply["ok"]["id"])))
+                reply = ended if "error" in ended else _error(
+                    LifecycleError("the driver gave up on this provision; the session it made was ended"))
+        finally:
+            tracked.made = made
+            tracked.finished.set()
+        return reply
+
+    async def abandon(self, session_id: str, attempt: str) -> dict[str, Any]:
+        """The driver gave up on provision ``attempt`` of ``session_id``: end what it made, or will make. Returns
+        once nothing of it runs (an attempt still running is waited for; one not started yet never will)."""
+        tracked = self._attempt(attempt)
+        tracked.abandoned = True
+        if tracked.started:
+            await tracked.finished.wait()
+            if tracked.made:
+                tracked.made = False
+                return await self._run(lambda: self._end(session_id))
+        return {"ok": None}
+
+    def _attempt(self, attempt: str) -> _Attempt:
+        now = time.monotonic()
+        for token in [t for t, a in self.attempts.items() if now - a.since > ATTEMPT_TTL]:
+            del self.attempts[token]
+        return self.attempts.setdefault(attempt, _Attempt())
+
+    async def _end(self, session_id: str) -> None:
+        """Terminate a session nobody was handed (one it no longer has is fine)."""
+        with contextlib.suppress(SessionNotFound):
+            await self._backend().terminate(session_id)
 
     @staticmethod
     def _fetch_snapshot(backend: SandboxBackend, snapshot_id: str, store: str) -> None:

@@ -14,6 +14,8 @@ Where it differs from the contract's documentation (``stockade.backend``):
   ``terminate`` forgets it.
 - Capabilities are the intersection of what the node backends measured when their node joined; a node whose
   backend cannot run is kept out of placement.
+- A provision that is cancelled or fails after the node was asked has the node abandon that attempt (end what
+  it made or will make) before it raises; bounded by ``ABANDON_TIMEOUT``.
 - Sessions outlive the driver: a detached actor on the head node records them, so another process finds a
   session by id. The Ray connection is process-wide and is left open by ``aclose`` (``ray.shutdown()`` ends it).
 - The driver must run on a node of the cluster (``address="auto"`` or ``"host:port"``). ``ray://`` (Ray
@@ -67,6 +69,9 @@ __all__ = ["RayBackend", "probe"]
 _T = TypeVar("_T")
 
 HEAD_RESOURCE = "node:__internal_head__"
+# How long a provision the caller gave up on waits for its node to end what it made (it usually takes as long
+# as the rest of a node provision, ~0.2 s).
+ABANDON_TIMEOUT = 30.0
 _CAPABILITY_FLAGS = tuple(SandboxCapabilities.model_fields)
 
 
@@ -506,6 +511,7 @@ class RayBackend(SandboxBackend):
             "spec": spec.model_copy(update={"session_id": session_id}).to_json(),
             "spread": request.spread,
             "created": time.time(),
+            "attempt": secrets.token_hex(8),  # which provision made the node's session (see _agent)
         }
         pg_hex: str | None = None
         async with self._lock_for(request.spread):
@@ -527,20 +533,32 @@ class RayBackend(SandboxBackend):
                 with anyio.CancelScope(shield=True):
                     await self._blocking(self._remove_group, pg_hex)
                     with contextlib.suppress(Exception):
-                        await self._dir("remove", session_id)
+                        await self._dir("remove", session_id, record["attempt"])
                 raise
         try:
             node_spec = spec.model_copy(update={"session_id": session_id})
             store = self.store.location if self.store is not None else None
-            data = await self._call(record, "provision", node_spec.to_json(), store)
+            data = await self._call(record, "provision", node_spec.to_json(), store, record["attempt"])
+            current = await self._dir("get", session_id)
+            if current is None or current.get("terminating") or current.get("attempt") != record["attempt"]:
+                raise LifecycleError(f"session {session_id!r} was terminated while it was being provisioned")
         except BaseException:
+            # The node may still be making the session (Ray does not stop an actor task in time), or have made
+            # it: either way nobody was handed it, so the node ends it.
             with anyio.CancelScope(shield=True):
+                await self._abandon(record)
                 await self._blocking(self._remove_group, pg_hex)
                 with contextlib.suppress(Exception):
-                    await self._dir("remove", session_id)
+                    await self._dir("remove", session_id, record["attempt"])
             raise
         self._records[session_id] = record
         return self._session(data, record)
+
+    async def _abandon(self, record: dict[str, Any]) -> None:
+        """Have the node end whatever provision attempt ``record["attempt"]`` made or will make; bounded, since
+        a node that does not answer is being lost anyway (and then takes its sandboxes with it)."""
+        with anyio.move_on_after(ABANDON_TIMEOUT), contextlib.suppress(Exception):
+            await self._call(record, "abandon", record["id"], record["attempt"])
 
     async def _place(self, session_id: str, selector: dict[str, str]) -> tuple[str, str]:
         """Create the session's placement group and wait for Ray to place it; returns (group id, node id)."""

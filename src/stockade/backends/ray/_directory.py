@@ -55,8 +55,13 @@ class _Directory:
         record = self.sessions.get(session_id)
         return dict(record) if record is not None else None
 
-    async def remove(self, session_id: str) -> dict[str, Any] | None:
-        return self.sessions.pop(session_id, None)
+    async def remove(self, session_id: str, attempt: str | None = None) -> dict[str, Any] | None:
+        """Forget ``session_id``; with ``attempt``, only if that provision attempt still owns the record (a failed
+        provision must not remove the record of a later one that reused the id)."""
+        record = self.sessions.get(session_id)
+        if record is None or (attempt is not None and record.get("attempt") != attempt):
+            return None
+        return self.sessions.pop(session_id)
 
     async def all(self) -> dict[str, dict[str, Any]]:
         return {sid: dict(rec) for sid, rec in self.sessions.items()}
