@@ -24,6 +24,7 @@ __all__ = [
     "HostUnixListener",
     "Sampler",
     "host_rss_bytes",
+    "processes_of_session",
     "processes_with",
     "sandbox_tree",
     "still_running",
@@ -233,6 +234,23 @@ def processes_with(needle: str) -> list[int]:
         if needle.encode() in cmdline:
             found.append(int(entry.name))
     return found
+
+
+def processes_of_session(session_id: str) -> list[int]:
+    """Pids of host processes that name ``session_id`` in their command line or their cgroup (bwrap names a
+    session's cgroup after it, on whatever node of this host runs it: a Ray node's sandboxes are found too)."""
+    found = set(processes_with(session_id))
+    own = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == own:
+            continue
+        try:
+            cgroups = (entry / "cgroup").read_text()
+        except OSError:
+            continue
+        if any(line.rsplit("/", 1)[-1] == session_id for line in cgroups.splitlines()):
+            found.add(int(entry.name))
+    return sorted(found)
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
