@@ -12,13 +12,13 @@ options).
 
 from __future__ import annotations
 
-import os
 import re
 
 from ..docker._backend import DockerBackend, _probe
 from ..docker._engine import default_base_url
 from ..docker._host import helper_processes, kill_and_wait
 from ..docker._seccomp import profile_json
+from ..docker._store import install_file
 
 __all__ = ["PodmanBackend", "probe"]
 
@@ -49,9 +49,8 @@ class PodmanBackend(DockerBackend):
         path = self.store.root / "seccomp.json"
         text = profile_json("inet")
         if not path.exists() or path.read_text() != text:
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            # Atomic and with a temporary name of its own: concurrent provisions of one process write it too.
+            install_file(path, text.encode(), 0o644)
         return f"seccomp={path}"
 
     def _exec_done(self, exec_id: str) -> None:
