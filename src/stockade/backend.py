@@ -144,6 +144,9 @@ class SandboxBackend(abc.ABC):
         """Remove everything the session owned: processes (orphans and daemons too), mounts, namespaces,
         cgroups, network plumbing, temporary files. Snapshots are kept.
 
+        Cancelled, it has either not yet claimed the session (which is untouched: a retry ends it) or goes on
+        to its end on its own; never a session claimed for termination but left running.
+
         Raises:
             SessionNotFound: unknown id, or already terminated (a second terminate raises).
         """

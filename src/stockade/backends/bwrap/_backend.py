@@ -65,7 +65,7 @@ from ...models import (
     validate_session_id,
 )
 from .._archive import restore_filter as _restore_filter
-from .._provisioning import provision_in_thread
+from .._cancel_safe import provision_in_thread
 from .._records import record_lock
 from ._client import AgentGone, request_frames, short_unix_path
 from ._launch import (
@@ -255,11 +255,14 @@ class BwrapBackend(SandboxBackend):
     def _start_pooled(self, pool_id: str) -> None:
         self._provision_blocking(SandboxSpec(), pool_id, pool_owner=WarmPool.owner())
 
-    def _discard(self, session_id: str) -> None:
-        """End a sandbox nobody holds (a pool sandbox, a session whose provision was cancelled), blocking."""
+    def _discard(self, session_id: str) -> bool:
+        """Claim and end a sandbox, blocking (terminate; a pool sandbox; a session whose provision was
+        cancelled); False if it was not there to claim."""
         record = self.store.claim(session_id)
-        if record is not None:
-            self._terminate_blocking(record)
+        if record is None:
+            return False
+        self._terminate_blocking(record)
+        return True
 
     def _claim_pooled(self, spec: SandboxSpec, session_id: str) -> SandboxSession | None:
         assert self._pool is not None
@@ -957,11 +960,10 @@ class BwrapBackend(SandboxBackend):
     async def terminate(self, session_id: str) -> None:
         validate_session_id(session_id)
         # Claimed atomically: of two concurrent terminates, one does the work and the other is told the
-        # session is gone.
-        record = await anyio.to_thread.run_sync(self.store.claim, session_id)
-        if record is None:
+        # session is gone. Claim and termination are one worker-thread call, so a cancelled caller cannot
+        # leave the session claimed but running (see _cancel_safe).
+        if not await anyio.to_thread.run_sync(self._discard, session_id):
             raise SessionNotFound(session_id)
-        await anyio.to_thread.run_sync(self._terminate_blocking, record)
 
     def _terminate_blocking(self, record: dict[str, Any]) -> None:
         session_id = record["id"]

@@ -64,7 +64,7 @@ class WarmPool:
         size: int,
         store: SessionStore,
         start_one: Callable[[str], None],
-        discard: Callable[[str], None],
+        discard: Callable[[str], object],
     ) -> None:
         self.size = size
         self.store = store

@@ -74,7 +74,7 @@ from ...models import (
     validate_session_id,
 )
 from .._archive import restore_filter
-from .._provisioning import provision_in_thread
+from .._cancel_safe import provision_in_thread
 from .._records import record_lock
 from ..bwrap._network import GatewayHandle, find_tool, gateway_policy_json, proxy_env, start_gateway
 from ._engine import Engine, EngineNotFound, ExecOutcome, default_base_url
@@ -252,11 +252,14 @@ class DockerBackend(SandboxBackend):
         session_id = spec.session_id or secrets.token_hex(16)
         return await provision_in_thread(lambda: self._provision_blocking(spec, session_id), self._discard)
 
-    def _discard(self, session_id: str) -> None:
-        """End a session nobody was handed (its provision was cancelled), blocking."""
+    def _discard(self, session_id: str) -> bool:
+        """Claim and end a session, blocking (terminate; a session whose provision was cancelled); False if it
+        was not there to claim."""
         record = self.store.claim(session_id)
-        if record is not None:
-            self._terminate_blocking(record)
+        if record is None:
+            return False
+        self._terminate_blocking(record)
+        return True
 
     def _check_runtime(self) -> None:
         if self._runtime_checked or self.runtime == "runc":
@@ -1061,11 +1064,10 @@ class DockerBackend(SandboxBackend):
     async def terminate(self, session_id: str) -> None:
         validate_session_id(session_id)
         # Claimed atomically: of two concurrent terminates, one does the work and the other is told the
-        # session is gone (the engine would refuse the second removal with a confusing error).
-        record = await anyio.to_thread.run_sync(self.store.claim, session_id)
-        if record is None:
+        # session is gone (the engine would refuse the second removal with a confusing error). Claim and
+        # removal are one worker-thread call, so a cancelled caller cannot leave it claimed but running.
+        if not await anyio.to_thread.run_sync(self._discard, session_id):
             raise SessionNotFound(session_id)
-        await anyio.to_thread.run_sync(self._terminate_blocking, record)
 
     def _terminate_blocking(self, record: dict[str, Any]) -> None:
         if record.get("gateway"):

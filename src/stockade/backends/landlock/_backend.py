@@ -76,7 +76,7 @@ from ...models import (
     SandboxState,
     validate_session_id,
 )
-from .._provisioning import provision_in_thread
+from .._cancel_safe import provision_in_thread, run_to_end
 from ._client import SupervisorGone, SupervisorReply, request, request_frames, short_unix_path
 from ._policy import MountPlan, SessionPaths, guest_env, resolve_cwd, seccomp_network, session_ruleset
 from ._store import SessionStore, default_state_root, process_start_time
@@ -760,6 +760,10 @@ class LandlockBackend(SandboxBackend):
         record = self._record(session_id)
         if not self.store.claim(session_id):
             raise SessionNotFound(session_id)  # a concurrent terminate got there first
+        # Claimed: it must now end whatever happens to the caller (see _cancel_safe).
+        await run_to_end(lambda: self._end_claimed(record))
+
+    async def _end_claimed(self, record: dict[str, Any]) -> None:
         await self._ask_to_end(record)
         await anyio.to_thread.run_sync(self._terminate_blocking, record)
 

@@ -58,6 +58,7 @@ from ...models import (
     SandboxState,
     validate_session_id,
 )
+from .._cancel_safe import run_to_end
 from ._agent import NodeAgent, agent_name
 from ._directory import DIRECTORY_NAME, Directory
 from ._nodes import SLOT_RESOURCE
@@ -729,6 +730,11 @@ class RayBackend(SandboxBackend):
 
     async def terminate(self, session_id: str) -> None:
         validate_session_id(session_id)
+        # Once the directory has it claimed, it must end whatever happens to the caller: a claimed session that
+        # is never ended keeps its sandbox and its slot, and every later terminate is told it is gone.
+        await run_to_end(lambda: self._terminate(session_id))
+
+    async def _terminate(self, session_id: str) -> None:
         self._records.pop(session_id, None)  # from the directory, not the cache: another driver may have ended it
         # Claimed in the directory first (atomically): of two concurrent terminates, from any drivers, one does
         # the work and the other gets SessionNotFound, as on the node backends.

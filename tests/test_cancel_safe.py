@@ -1,5 +1,6 @@
-"""``provision_in_thread``: a blocking provision whose caller is cancelled, by anyio or by asyncio itself, hands
-its session over or ends it; it is never left running with nobody holding it."""
+"""``_cancel_safe``: a blocking provision whose caller is cancelled, by anyio or by asyncio itself, hands its
+session over or ends it, never leaving it running with nobody holding it; and ``run_to_end`` finishes an
+operation whose caller was cancelled half way."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import anyio
 import pytest
 
 from stockade import LifecycleError, SandboxSession, SandboxState
-from stockade.backends._provisioning import provision_in_thread
+from stockade.backends._cancel_safe import provision_in_thread, run_to_end
 
 
 class Builds:
@@ -93,3 +94,61 @@ def test_asyncio_cancellation_at_any_moment_ends_the_session_exactly_once(delay:
     time.sleep(0.2)  # the build (5 ms) and any discard are over
     # Handed over: the caller holds it. Not handed: nothing was built, or what was built was ended, once.
     assert builds.discarded == ([] if handed else builds.built)
+
+
+class Steps:
+    """A two-step operation that must not stop between its steps (as a terminate that has claimed its session)."""
+
+    def __init__(self) -> None:
+        self.done: list[str] = []
+        self.finished = threading.Event()
+
+    async def run(self) -> str:
+        self.done.append("claimed")
+        await anyio.sleep(0.1)
+        self.done.append("ended")
+        self.finished.set()
+        return "ok"
+
+
+def test_run_to_end_returns_the_operations_value() -> None:
+    steps = Steps()
+    assert anyio.run(run_to_end, steps.run) == "ok" and steps.done == ["claimed", "ended"]
+
+
+def test_run_to_end_goes_on_when_asyncio_cancels_the_caller() -> None:
+    steps = Steps()
+
+    async def go() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(run_to_end(steps.run), 0.02)
+        assert steps.done == ["claimed"]  # the caller was let go at once
+        await asyncio.sleep(0.3)
+
+    asyncio.run(go())
+    assert steps.done == ["claimed", "ended"]
+
+
+def test_run_to_end_goes_on_when_anyio_cancels_the_caller() -> None:
+    steps = Steps()
+
+    async def go() -> None:
+        with anyio.move_on_after(0.02):
+            await run_to_end(steps.run)
+        await anyio.sleep(0.3)
+
+    anyio.run(go)
+    assert steps.done == ["claimed", "ended"]
+
+
+def test_without_it_a_cancelled_caller_stops_half_way() -> None:
+    """The control: the same operation awaited directly stops after its first step."""
+    steps = Steps()
+
+    async def go() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(steps.run(), 0.02)
+        await asyncio.sleep(0.3)
+
+    asyncio.run(go())
+    assert steps.done == ["claimed"]
