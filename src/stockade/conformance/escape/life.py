@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import os
 import secrets
+import signal
 import string
 import time
 from datetime import timedelta
@@ -495,6 +498,89 @@ async def terminate_during_provision(ctx: CaseContext) -> Finding:
     return conforms(f"terminate landed while provisioning and left nothing; provisions cancelled at 0.03 s and "
                     f"half way ({whole / 2:.2f} s){', and by asyncio half and a quarter of the way' if native else ''} "
                     f"left nothing (handed over anyway: {handed or 'none'})")
+
+
+@case("escape.life.terminate_cancelled")
+async def terminate_cancelled(ctx: CaseContext) -> Finding:
+    """terminate cancelled part way through (by anyio's cancellation, and by asyncio's own where the engine runs
+    on asyncio), while an exec runs in the session: afterwards the session is either still there, and the next
+    terminate ends it, or ends on its own; never claimed but left running, its processes alive while every later
+    terminate is told the session is gone."""
+    first = await ctx.provision(ctx.spec())
+    started = time.monotonic()
+    await ctx.terminate(first.id)
+    whole = time.monotonic() - started  # so the cancellations land part way on any backend
+    ways = ["anyio", "asyncio"] if _on_asyncio() else ["anyio"]
+    # Early points hit the gap between claiming the session and ending it; later ones the ending itself.
+    points = (0.0003, 0.0006, 0.001, whole / 4, whole / 2)
+    tries = [(way, after) for after in points for way in ways]
+    budget = time.monotonic() + 35  # of the case's 60 s: a slow backend tries fewer points, and says so
+    left: list[str] = []
+    seen = trees = tried = 0
+    for way, after in tries:
+        if left or time.monotonic() > budget:  # one leak is the verdict; more would only run out the clock
+            break
+        tried += 1
+        needle = f"600.{secrets.randbelow(10**9):09d}"
+        session = await ctx.provision(ctx.spec())
+        sandbox = sandbox_tree(session.metadata)
+        trees += bool(sandbox)
+        returned = anyio.Event()
+
+        async def sleeping(sid: str = session.id, needle: str = needle, returned: anyio.Event = returned) -> None:
+            with contextlib.suppress(SandboxError):
+                await ctx.exec(sid, "sleep", needle, timeout=15)  # bounds a hang where a session is left
+            returned.set()
+
+        ctx.calls += 2
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sleeping)
+            seen += await wait_until(functools.partial(_running, needle), 5)
+            if way == "anyio":
+                with anyio.move_on_after(after):
+                    await ctx.backend.terminate(session.id)
+            else:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(ctx.backend.terminate(session.id), after)
+            with contextlib.suppress(SessionNotFound):  # the caller's retry
+                await ctx.backend.terminate(session.id)
+            ctx.live.pop(session.id, None)
+            with anyio.move_on_after(10):  # the exec returns once its session is gone
+                await returned.wait()
+            hung = not returned.is_set()
+            if hung:  # what the backend left running: killed, so that the exec's worker thread lets go
+                problem = f"processes {processes_with(needle)}, sandbox {still_running(sandbox)}"
+                for pid in processes_with(needle) + still_running(sandbox):
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+            tg.cancel_scope.cancel()
+        gone = await wait_until(functools.partial(_ended, needle, sandbox), 5)
+        if not hung:
+            problem = f"processes {processes_with(needle)}, sandbox {still_running(sandbox)}"
+        listed = False
+        with contextlib.suppress(Unsupported):
+            listed = session.id in {s.id for s in await ctx.backend.list_sessions()}
+        if not gone or listed or hung:
+            left.append(f"{way} cancelled at {after:.4f} s: {problem}, listed {listed}, the exec "
+                        f"{'never returned' if hung else 'returned'}")
+        if listed:
+            with contextlib.suppress(SandboxError):
+                await ctx.backend.terminate(session.id)
+    if left:
+        return escaped(f"a cancelled terminate and its retry left the session running: {left}")
+    if not seen and not trees:
+        return not_measured("the exec's process was never seen on the host and the backend names no sandbox "
+                            "process, so what a cancelled terminate left is unmeasured")
+    return conforms(f"{tried} of {len(tries)} terminates cancelled at 0.0003 s to half way ({whole / 2:.3f} s), "
+                    f"by {' and '.join(ways)}: after a retry nothing of the session runs or is listed")
+
+
+def _running(needle: str) -> bool:
+    return bool(processes_with(needle))
+
+
+def _ended(needle: str, sandbox: dict[int, int]) -> bool:
+    return not processes_with(needle) and not still_running(sandbox)
 
 
 def _on_asyncio() -> bool:
