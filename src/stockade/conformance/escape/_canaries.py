@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = [
@@ -220,37 +220,30 @@ def host_rss_bytes(pid: int | str = "self") -> int:
     return 0
 
 
-def processes_with(needle: str) -> list[int]:
-    """Pids of host processes whose command line contains ``needle`` (this process excluded)."""
-    found = []
+def _host_processes(name: str) -> Iterator[tuple[int, bytes]]:
+    """(pid, the bytes of /proc/<pid>/<name>) of every host process but this one that can be read."""
     own = os.getpid()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == own:
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes()
+            yield int(entry.name), (entry / name).read_bytes()
         except OSError:
             continue
-        if needle.encode() in cmdline:
-            found.append(int(entry.name))
-    return found
+
+
+def processes_with(needle: str) -> list[int]:
+    """Pids of host processes whose command line contains ``needle`` (this process excluded)."""
+    return [pid for pid, cmdline in _host_processes("cmdline") if needle.encode() in cmdline]
 
 
 def processes_of_session(session_id: str) -> list[int]:
     """Pids of host processes that name ``session_id`` in their command line or their cgroup (bwrap names a
     session's cgroup after it, on whatever node of this host runs it: a Ray node's sandboxes are found too)."""
-    found = set(processes_with(session_id))
-    own = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == own:
-            continue
-        try:
-            cgroups = (entry / "cgroup").read_text()
-        except OSError:
-            continue
-        if any(line.rsplit("/", 1)[-1] == session_id for line in cgroups.splitlines()):
-            found.add(int(entry.name))
-    return sorted(found)
+    named = session_id.encode()
+    in_cgroup = [pid for pid, cgroups in _host_processes("cgroup")
+                 if any(line.rsplit(b"/", 1)[-1] == named for line in cgroups.splitlines())]
+    return sorted(set(processes_with(session_id)) | set(in_cgroup))
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
