@@ -55,12 +55,18 @@ class LocalNode:
         return [int(p) for p in out.stdout.split() if p.isdigit()]
 
     def raylet_pid(self) -> int | None:
+        return next((pid for pid, argv0 in self._argv0s() if argv0.endswith(b"/raylet")), None)
+
+    def worker_pids(self) -> list[int]:
+        """The node's Ray workers (actors and tasks run there); they retitle themselves ``ray::<what>``."""
+        return [pid for pid, argv0 in self._argv0s() if argv0.startswith(b"ray::")]
+
+    def _argv0s(self) -> list[tuple[int, bytes]]:
+        out = []
         for pid in self.pids():
             with contextlib.suppress(OSError):
-                argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-                if argv0.endswith(b"/raylet"):
-                    return pid
-        return None
+                out.append((pid, Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]))
+        return out
 
 
 class LocalCluster:
@@ -269,14 +275,23 @@ class LocalCluster:
         """Kill every process of ``node`` (SIGKILL, by PID): the node dies as a machine would."""
         _kill_all(node)
 
-    def kill_raylet(self, node: LocalNode) -> int:
-        """SIGKILL the node's raylet only; returns its PID."""
+    def kill_raylet(self, node: LocalNode, *, timeout: float = 30.0) -> int:
+        """SIGKILL the node's raylet only; returns its PID once the raylet and the node's Ray workers are gone.
+
+        The workers notice the raylet's death themselves and exit, but only at their next check (about a
+        second later): until then an actor there still answers calls. Returning before they are gone would
+        let a caller see a node that is dead and one that is not yet, by turns.
+        """
         pid = node.raylet_pid()
         if pid is None:
             raise RuntimeError(f"no raylet runs on {node.name}")
+        workers = node.worker_pids()
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while _exists(pid) and time.monotonic() < deadline:  # dead (a zombie at most) before we return
+        deadline = time.monotonic() + timeout
+        while any(_exists(p) for p in [pid, *workers]):
+            if time.monotonic() > deadline:
+                left = [p for p in [pid, *workers] if _exists(p)]
+                raise RuntimeError(f"{node.name}: processes {left} outlived its raylet by {timeout:g}s")
             time.sleep(0.01)
         return pid
 
