@@ -342,6 +342,8 @@ class RayBackend(SandboxBackend):
             raise LifecycleError(f"{what} on node {self._node_name(node_id)} failed in Ray: {exc}") from exc
         finally:
             if future is not None and not future.done():
+                # Its late failure (the node is gone) is nobody's news: retrieve it so asyncio stays quiet.
+                future.add_done_callback(lambda f: f.cancelled() or f.exception())
                 with contextlib.suppress(Exception):
                     ray.cancel(ref)
 
